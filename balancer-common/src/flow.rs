@@ -1,0 +1,143 @@
+//! Flow and NAT state: the keys and values of `FLOWS` and `NAT_REVERSE`.
+//!
+//! Addresses and ports are kept in network byte order, exactly as they sit in the packet
+//! (`u32::from_ne_bytes(header.src)`), so the hot path never swaps bytes; user space converts
+//! with `u32::from_be`/`Ipv4Addr::from(u32::from_be(..))` when it prints them.
+
+/// IP protocol numbers the data plane balances and translates.
+pub const PROTOCOL_ICMP: u8 = 1;
+pub const PROTOCOL_TCP: u8 = 6;
+pub const PROTOCOL_UDP: u8 = 17;
+
+/// A flow as the LAN client sent it. Key of `FLOWS`.
+///
+/// For ICMP echo, `client_port` is the echo identifier and `remote_port` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client_addr: u32,
+    pub remote_addr: u32,
+    pub client_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    /// Always zero: padding is hashed with the key, so garbage here would make lookups miss.
+    pub _pad: [u8; 3],
+}
+
+/// A reply as it arrives on an uplink, before reverse NAT. Key of `NAT_REVERSE`, whose value
+/// is the [`FlowKey`] of the flow it belongs to.
+///
+/// For ICMP echo replies, `nat_port` is the translated echo identifier and `remote_port` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReverseKey {
+    /// The uplink's source address: the reply's destination.
+    pub uplink_addr: u32,
+    /// The reply's source.
+    pub remote_addr: u32,
+    /// The reply's destination port: the port the flow was translated to.
+    pub nat_port: u16,
+    /// The reply's source port.
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `FlowEntry::state`: where a flow is in its life, which decides its timeout.
+pub const FLOW_STATE_NEW: u8 = 0;
+/// A reply was seen: TCP SYN answered, or any UDP/ICMP reply.
+pub const FLOW_STATE_ESTABLISHED: u8 = 1;
+/// A FIN was seen in either direction.
+pub const FLOW_STATE_CLOSING: u8 = 2;
+/// A RST was seen.
+pub const FLOW_STATE_CLOSED: u8 = 3;
+
+/// `FlowEntry::flags`.
+pub const FLOW_FLAG_ANSWERED: u8 = 1 << 0;
+pub const FLOW_FLAG_CLIENT_FIN: u8 = 1 << 1;
+pub const FLOW_FLAG_REMOTE_FIN: u8 = 1 << 2;
+pub const FLOW_FLAG_RESET: u8 = 1 << 3;
+/// The flow was put on its uplink by a `DESTINATIONS` entry (a modem's own subnet), not by the
+/// schedule: it stays on that uplink even while the uplink takes no new balanced flows.
+pub const FLOW_FLAG_FORCED: u8 = 1 << 4;
+
+/// What the data plane knows about one flow. Value of `FLOWS`.
+///
+/// Written from several CPUs without locks: fields are independent and a lost update of
+/// `last_seen_ns` or a sequence number only shifts a timeout or a later reset by one packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// `bpf_ktime_get_ns()` of the flow's first packet.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet in either direction.
+    pub last_seen_ns: u64,
+    /// The uplink's source address the flow is translated to.
+    pub uplink_addr: u32,
+    /// The uplink's mark, put on the flow's packets in both directions.
+    pub mark: u32,
+    /// `UplinkInfo::generation` when the flow was assigned; a different current generation
+    /// means the uplink was disabled since, and the flow is released lazily.
+    pub uplink_generation: u32,
+    /// TCP: the next sequence number expected from the client (host order), for resets.
+    pub client_seq_next: u32,
+    /// TCP: the next sequence number expected from the remote end (host order).
+    pub remote_seq_next: u32,
+    /// The translated source port (echo identifier for ICMP), network order.
+    pub nat_port: u16,
+    pub uplink_id: u8,
+    pub state: u8,
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+
+/// One fragmented datagram as a program sees it: the fields that, with the source, name a
+/// datagram for reassembly (RFC 791). Key of `FRAGMENTS`.
+///
+/// Filled when a first fragment (offset 0, MF set) of a known flow passes: at LAN ingress with
+/// the client's tuple, at uplink ingress with the remote's tuple as it arrives. Later fragments
+/// carry no ports; they find their flow's translation here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: u32,
+    pub dst: u32,
+    /// The IP identification field, network order.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Where the later fragments of a datagram go. Value of `FRAGMENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentEntry {
+    /// The address that replaces the fragment's source (LAN side: the uplink's address) or
+    /// destination (uplink side: the client's address), network order.
+    pub addr: u32,
+    /// The flow's mark.
+    pub mark: u32,
+    /// The flow's uplink: LAN-side fragments are translated only when they leave by it.
+    pub uplink_id: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragmentEntry>() == 12);
+const _: () = assert!(core::mem::size_of::<ReverseKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 48);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReverseKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragmentKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragmentEntry {}
+}

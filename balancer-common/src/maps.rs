@@ -1,0 +1,29 @@
+//! Map and program names both sides agree on, and the layout version of the pinned maps.
+
+/// Bumped whenever a map's key, value or size changes meaning: pins live under a directory
+/// named after it, so a new layout never silently reuses an old map.
+pub const ABI_VERSION: u32 = 4;
+
+pub const FLOWS: &str = "FLOWS";
+pub const NAT_REVERSE: &str = "NAT_REVERSE";
+pub const UPLINKS: &str = "UPLINKS";
+pub const UPLINK_BY_IFINDEX: &str = "UPLINK_BY_IFINDEX";
+pub const SCHEDULE: &str = "SCHEDULE";
+pub const SCHEDULE_LENGTH: &str = "SCHEDULE_LENGTH";
+pub const SCHEDULE_CURSOR: &str = "SCHEDULE_CURSOR";
+pub const DESTINATIONS: &str = "DESTINATIONS";
+pub const SETTINGS: &str = "SETTINGS";
+pub const UPLINK_COUNTERS: &str = "UPLINK_COUNTERS";
+pub const REASONS: &str = "REASONS";
+pub const FRAGMENTS: &str = "FRAGMENTS";
+
+/// Default capacity of `FLOWS` and `NAT_REVERSE`; user space may set another at load time.
+pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
+
+/// Capacity of `FRAGMENTS`: datagrams in flight as fragments at once (LRU, so the oldest go).
+pub const FRAGMENT_ENTRIES: u32 = 8192;
+
+/// Program names (the function names of the classifiers).
+pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";
+pub const PROGRAM_UPLINK_EGRESS: &str = "uplink_egress";
+pub const PROGRAM_UPLINK_INGRESS: &str = "uplink_ingress";

@@ -1,0 +1,82 @@
+//! What the programs know about each uplink and about destinations, written by user space.
+
+/// Uplink ids run from 1 to 254 (`balancer::ownership::UPLINK_ID_RANGE`); `UPLINKS` is indexed
+/// by id, so it has one slot more than the largest id. Slot 0 is never used.
+pub const UPLINK_SLOTS: u32 = 256;
+
+/// Capacity of `UPLINK_BY_IFINDEX` (key: ifindex, value: uplink id), one per possible id.
+pub const UPLINK_BY_IFINDEX_ENTRIES: u32 = 256;
+
+/// One uplink. Value of the `UPLINKS` array, indexed by uplink id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UplinkInfo {
+    /// The address flows are translated to, network order. Zero: the slot is unused.
+    pub source_addr: u32,
+    /// The mark the routing rules send to this uplink's table.
+    pub mark: u32,
+    /// Bumped whenever the uplink is disabled, so flows pinned to it are released lazily.
+    pub generation: u32,
+    /// The uplink's interface, for the programs attached to it.
+    pub ifindex: u32,
+    /// 1 when the uplink takes new flows.
+    pub enabled: u8,
+    pub _pad: u8,
+    /// Largest TCP MSS a SYN leaving by this uplink may announce (host order): the interface
+    /// MTU minus 40. SYNs announcing more are clamped at uplink egress; 0 turns clamping off.
+    pub mss_max: u16,
+}
+
+/// The bits of `skb->mark` the balancer owns: LAN ingress replaces them with the flow's uplink
+/// mark and keeps the rest, and the routing rules match `fwmark <mark>/0xff000000`. Uplink marks
+/// must lie inside this mask (user space uses `id << 24`).
+pub const MARK_MASK: u32 = 0xff00_0000;
+
+/// Most slots in the weighted round-robin schedule. User space fills `SCHEDULE[0..length]` with
+/// uplink ids in smooth weighted round-robin order (weights reduced, scaled to fit).
+pub const SCHEDULE_SLOTS: u32 = 1024;
+
+/// `SCHEDULE_LENGTH[0]`: how many slots of `SCHEDULE` are in use; 0 means no uplink is enabled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScheduleLength {
+    pub length: u32,
+}
+
+/// Value of the `DESTINATIONS` longest-prefix-match trie (key: prefix length and IPv4 address,
+/// network order): what LAN ingress does with packets to that destination.
+pub const DESTINATION_PASS: u32 = 0;
+// Values 1..=254 mean "send by this uplink id" (a modem's own subnet).
+
+/// The LPM trie's capacity: LAN networks, gateway addresses and uplink subnets.
+pub const DESTINATION_ENTRIES: u32 = 1024;
+
+/// Runtime settings. Value of `SETTINGS[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Translated source ports come from `nat_port_min..=nat_port_max` (host order), a range
+    /// outside the gateway's `ip_local_port_range` so its own sockets are never shadowed.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad: u32,
+    /// Timeouts in nanoseconds.
+    pub tcp_syn_timeout_ns: u64,
+    pub tcp_established_timeout_ns: u64,
+    pub tcp_closing_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+    pub icmp_timeout_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<UplinkInfo>() == 20);
+const _: () = assert!(core::mem::size_of::<Settings>() == 48);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::UplinkInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ScheduleLength {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Settings {}
+}

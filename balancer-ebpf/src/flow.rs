@@ -1,0 +1,162 @@
+//! The flow table: finding a live flow, and creating one as a forward/reverse pair (after
+//! Cilium's `bpf/lib/nat.h`: the reverse entry reserves the translated port, the forward entry
+//! publishes the flow, and a failed second insert removes the first, so no half flow remains).
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
+use balancer_common::{
+    flow::{FLOW_FLAG_FORCED, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseKey},
+    policy::{flow_expired, nat_port_range},
+    stats::{
+        DROP_NAT_EXHAUSTED, PASS_NO_UPLINK, UPLINK_NAT_EXHAUSTED, UPLINK_NEW_FLOWS,
+        UPLINK_TCP_NEW_FLOWS,
+    },
+    uplink::{Settings, UplinkInfo},
+};
+
+use crate::maps::{FLOWS, NAT_REVERSE, UPLINKS, bump_uplink};
+
+/// Translated ports tried per new flow before giving up: bounded for the verifier and for
+/// latency; 32 consecutive taken ports means the range is nearly full anyway.
+const PORT_PROBES: u32 = 32;
+
+/// What `FLOWS` holds for a key.
+pub enum Found {
+    /// A flow to keep using: its uplink is unchanged and usable and it has not idled out.
+    Live(*mut FlowEntry),
+    /// An entry to replace; its reverse key must go first so its port is released.
+    Stale(ReverseKey),
+    Missing,
+}
+
+/// The reverse key of `entry` (flow `key`): the reply's view of the flow.
+#[inline(always)]
+pub fn reverse_key(key: &FlowKey, uplink_addr: u32, nat_port: u16) -> ReverseKey {
+    ReverseKey {
+        uplink_addr,
+        remote_addr: key.remote_addr,
+        nat_port,
+        remote_port: key.remote_port,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Looks `key` up and decides whether the flow is still good. A flow is released lazily when
+/// its uplink's generation moved on (disabled since), when the uplink no longer takes flows
+/// (unless the flow was forced onto it by a destination), or when it idled out.
+#[inline(always)]
+pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
+    let Some(entry) = FLOWS.get_ptr_mut(key) else {
+        return Found::Missing;
+    };
+    // SAFETY: a successful lookup returns a pointer to the value, valid for this program run.
+    let e = unsafe { &*entry };
+    let live = match UPLINKS.get(u32::from(e.uplink_id)) {
+        Some(uplink) => {
+            uplink.source_addr != 0
+                && uplink.generation == e.uplink_generation
+                && (uplink.enabled == 1 || e.flags & FLOW_FLAG_FORCED != 0)
+                && !flow_expired(e, key.protocol, settings, now_ns)
+        }
+        None => false,
+    };
+    if live {
+        Found::Live(entry)
+    } else {
+        Found::Stale(reverse_key(key, e.uplink_addr, e.nat_port))
+    }
+}
+
+/// Creates flow `key` on uplink `id`, replacing `stale` if given (`client_seq_next`: TCP only,
+/// host order), and returns the mark of the
+/// flow that ended up in the table (another CPU may have created the same flow first).
+/// `Err(DROP_NAT_EXHAUSTED)` when no translated port is free.
+#[inline(always)]
+pub fn create(
+    key: &FlowKey,
+    id: u32,
+    uplink: &UplinkInfo,
+    forced: bool,
+    stale: Option<ReverseKey>,
+    client_seq_next: u32,
+    settings: &Settings,
+    now_ns: u64,
+) -> Result<u32, u32> {
+    if let Some(old) = &stale {
+        // Releases the old port; if the old entry's uplink and port are the same, the search
+        // below finds that port free again and the remote sees the same peer.
+        let _ = NAT_REVERSE.remove(old);
+    }
+
+    let (min, max) = nat_port_range(settings);
+    let span = u32::from(max - min) + 1;
+    let client_port = u32::from(u16::from_be(key.client_port));
+    // Keep the client's port when it is in range (no visible translation, as RFC 4787 prefers);
+    // otherwise start at a random point so concurrent flows do not all probe the same ports.
+    let mut offset = if client_port >= u32::from(min) && client_port <= u32::from(max) {
+        client_port - u32::from(min)
+    } else {
+        // SAFETY: a plain helper call without arguments.
+        let random = unsafe { bpf_get_prandom_u32() };
+        random % span
+    };
+    let mut reverse = reverse_key(key, uplink.source_addr, 0);
+    let mut reserved = false;
+    for _ in 0..PORT_PROBES {
+        reverse.nat_port = ((u32::from(min) + offset) as u16).to_be();
+        if NAT_REVERSE
+            .insert(&reverse, key, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            reserved = true;
+            break;
+        }
+        offset += 1;
+        if offset >= span {
+            offset = 0;
+        }
+    }
+    if !reserved {
+        bump_uplink(id, UPLINK_NAT_EXHAUSTED, 1);
+        return Err(DROP_NAT_EXHAUSTED);
+    }
+
+    let entry = FlowEntry {
+        created_ns: now_ns,
+        last_seen_ns: now_ns,
+        uplink_addr: uplink.source_addr,
+        mark: uplink.mark,
+        uplink_generation: uplink.generation,
+        client_seq_next,
+        remote_seq_next: 0,
+        nat_port: reverse.nat_port,
+        uplink_id: id as u8,
+        state: FLOW_STATE_NEW,
+        flags: if forced { FLOW_FLAG_FORCED } else { 0 },
+        _pad: [0; 7],
+    };
+    let flags = if stale.is_some() {
+        BPF_ANY
+    } else {
+        BPF_NOEXIST
+    };
+    if FLOWS.insert(key, &entry, u64::from(flags)).is_err() {
+        // Another CPU created this flow between our lookup and now: its pair stands, ours goes.
+        let _ = NAT_REVERSE.remove(&reverse);
+        return match FLOWS.get_ptr(key) {
+            // SAFETY: a successful lookup returns a pointer to the value.
+            Some(winner) => Ok(unsafe { (*winner).mark }),
+            // The insert failed for another reason (out of memory): no flow, so the packet
+            // follows the routing tables unmarked, like one sent while no uplink is up.
+            None => Err(PASS_NO_UPLINK),
+        };
+    }
+    bump_uplink(id, UPLINK_NEW_FLOWS, 1);
+    if key.protocol == PROTOCOL_TCP {
+        bump_uplink(id, UPLINK_TCP_NEW_FLOWS, 1);
+    }
+    Ok(entry.mark)
+}

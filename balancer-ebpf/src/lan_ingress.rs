@@ -1,0 +1,160 @@
+//! LAN ingress: count every frame, then give each new flow an uplink (weighted round robin, or
+//! the one a destination forces) and a translated port, and mark every packet of a known flow
+//! so the `fwmark` rules route it out of its uplink. The translation itself happens on the
+//! uplink's egress, after routing.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use balancer_common::{
+    counters::{COUNTER_BYTES, COUNTER_IPV4, COUNTER_PACKETS},
+    flow::{FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP},
+    policy::{TCP_ACK, TCP_SYN, flow_after_packet, steered_mark},
+    stats::{PASS_ICMP_OTHER, PASS_LOCAL_DESTINATION, PASS_NO_UPLINK, PASS_TCP_WITHOUT_FLOW},
+    uplink::{DESTINATION_PASS, SCHEDULE_SLOTS},
+};
+
+use crate::{
+    flow::{self, Found},
+    fragments,
+    headers::ICMP_ECHO_REQUEST,
+    icmp_error,
+    maps::{DESTINATIONS, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump},
+    parse::{parse_ipv4, parse_l4},
+};
+
+#[inline(always)]
+pub fn try_lan_ingress(ctx: &TcContext) -> Result<(), u32> {
+    bump(COUNTER_PACKETS, 1);
+    bump(COUNTER_BYTES, u64::from(ctx.len()));
+
+    let ip = parse_ipv4(ctx)?;
+    bump(COUNTER_IPV4, 1);
+    if ip.later_fragment {
+        return fragments::steer(ctx, &ip);
+    }
+    // LAN networks and the gateway's own addresses are never balanced; a modem's subnet is
+    // reachable only through that modem.
+    let forced = match DESTINATIONS.get(Key::new(32, ip.dst)) {
+        Some(&DESTINATION_PASS) => return Err(PASS_LOCAL_DESTINATION),
+        Some(&id) => Some(id),
+        None => None,
+    };
+    let packet = parse_l4(ctx, ip)?;
+    let protocol = packet.ip.protocol;
+    if protocol == PROTOCOL_ICMP && icmp_error::is_error(packet.icmp_type) {
+        // A client's error about a reply leaves by the flow's uplink, translated there.
+        let (_, entry) = icmp_error::client_flow(ctx, &packet.ip)?;
+        set_mark(ctx, entry.mark);
+        return Ok(());
+    }
+    if protocol == PROTOCOL_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST {
+        return Err(PASS_ICMP_OTHER);
+    }
+    let key = FlowKey {
+        client_addr: packet.ip.src,
+        remote_addr: packet.ip.dst,
+        client_port: packet.src_port,
+        remote_port: if protocol == PROTOCOL_ICMP {
+            0
+        } else {
+            packet.dst_port
+        },
+        protocol,
+        _pad: [0; 3],
+    };
+    let settings = SETTINGS.get(0).ok_or(PASS_NO_UPLINK)?;
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let seq_next = packet.seq.wrapping_add(packet.seq_len);
+
+    let stale = match flow::find(&key, settings, now) {
+        Found::Live(entry) => {
+            // SAFETY: a pointer into the map value, valid for this run. Other CPUs may write
+            // the same entry; each field is independent (see `FlowEntry`).
+            let entry = unsafe { &mut *entry };
+            entry.last_seen_ns = now;
+            if protocol == PROTOCOL_TCP {
+                let (state, flags) =
+                    flow_after_packet(protocol, entry.state, entry.flags, packet.tcp_flags, false);
+                entry.state = state;
+                entry.flags = flags;
+                entry.client_seq_next = seq_next;
+            }
+            fragments::remember(&packet.ip, entry.uplink_addr, entry.mark, entry.uplink_id);
+            set_mark(ctx, entry.mark);
+            return Ok(());
+        }
+        Found::Stale(reverse) => Some(reverse),
+        Found::Missing => None,
+    };
+
+    // Mid-stream TCP without a flow (the gateway restarted, or the flow idled out): inventing
+    // a translation would only make the remote answer with a RST, so leave it to the routing
+    // tables.
+    if protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Err(PASS_TCP_WITHOUT_FLOW);
+    }
+    let id = match forced {
+        Some(id) => id,
+        None => next_scheduled()?,
+    };
+    let uplink = UPLINKS.get(id).ok_or(PASS_NO_UPLINK)?;
+    // A forced uplink is used even when it takes no balanced flows: a modem's admin page
+    // matters most while its line is down.
+    if uplink.source_addr == 0 || (forced.is_none() && uplink.enabled != 1) {
+        return Err(PASS_NO_UPLINK);
+    }
+    let mark = flow::create(
+        &key,
+        id,
+        uplink,
+        forced.is_some(),
+        stale,
+        seq_next,
+        settings,
+        now,
+    )?;
+    fragments::remember(&packet.ip, uplink.source_addr, mark, id as u8);
+    set_mark(ctx, mark);
+    Ok(())
+}
+
+/// The next uplink in this CPU's walk through `SCHEDULE`.
+#[inline(always)]
+fn next_scheduled() -> Result<u32, u32> {
+    let length = SCHEDULE_LENGTH.get(0).map_or(0, |length| length.length);
+    let length = if length > SCHEDULE_SLOTS {
+        SCHEDULE_SLOTS
+    } else {
+        length
+    };
+    if length == 0 {
+        return Err(PASS_NO_UPLINK);
+    }
+    let cursor = SCHEDULE_CURSOR.get_ptr_mut(0).ok_or(PASS_NO_UPLINK)?;
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it during this run.
+    let index = unsafe { *cursor };
+    // The cursor is kept below the length, but the length may have shrunk since.
+    let index = if index >= length { 0 } else { index };
+    let id = *SCHEDULE.get(index).ok_or(PASS_NO_UPLINK)?;
+    // SAFETY: as above.
+    unsafe { *cursor = if index + 1 >= length { 0 } else { index + 1 } };
+    Ok(id)
+}
+
+/// Steers the packet: the balancer's mark bits replaced, the others kept.
+///
+/// Volatile on purpose: with a plain read-modify-write, LLVM sees that only the top byte
+/// changes and emits a one-byte store to `skb->mark`, which the verifier rejects ("invalid
+/// bpf_context access off=11 size=1": context fields take full-width stores only).
+#[inline(always)]
+pub fn set_mark(ctx: &TcContext, uplink_mark: u32) {
+    // SAFETY: `skb` is the context pointer the kernel passed in; `mark` is readable and
+    // writable by tc programs, as a whole u32.
+    unsafe {
+        let mark = core::ptr::addr_of_mut!((*ctx.skb.skb).mark);
+        core::ptr::write_volatile(
+            mark,
+            steered_mark(core::ptr::read_volatile(mark), uplink_mark),
+        );
+    }
+}

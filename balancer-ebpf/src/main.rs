@@ -1,0 +1,47 @@
+//! The balancer's kernel side. Entry points stay thin: each classifier only turns the result of
+//! its `try_*` function into a tc action (`verdict`); parsing, the flow table, translation and
+//! maps live in their own modules.
+#![no_std]
+#![no_main]
+
+mod flow;
+mod fragments;
+mod headers;
+mod icmp_error;
+mod lan_ingress;
+mod maps;
+mod mss;
+mod nat;
+mod parse;
+mod uplink_egress;
+mod uplink_ingress;
+mod verdict;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// LAN-side ingress: sees every frame the office sends towards the gateway; picks uplinks and
+/// marks.
+#[classifier]
+pub fn lan_ingress(ctx: TcContext) -> i32 {
+    verdict::action(lan_ingress::try_lan_ingress(&ctx))
+}
+
+/// Uplink egress: source NAT of balanced flows, after routing.
+#[classifier]
+pub fn uplink_egress(ctx: TcContext) -> i32 {
+    verdict::action(uplink_egress::try_uplink_egress(&ctx))
+}
+
+/// Uplink ingress: reverse NAT of replies, before routing.
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    verdict::action(uplink_ingress::try_uplink_ingress(&ctx))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach this, so it is never executed; BPF has no
+    // way to abort, hence the spin.
+    loop {}
+}

@@ -1,0 +1,110 @@
+//! Every map the programs share with user space, declared once. Names are part of the ABI:
+//! user space looks them up by these identifiers (`balancer_common::maps`), and the static's
+//! name is the map's name in the object.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use balancer_common::{
+    counters::COUNTERS_LEN,
+    flow::{FlowEntry, FlowKey, FragmentEntry, FragmentKey, ReverseKey},
+    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES},
+    stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
+    uplink::{
+        DESTINATION_ENTRIES, SCHEDULE_SLOTS, ScheduleLength, Settings, UPLINK_BY_IFINDEX_ENTRIES,
+        UPLINK_SLOTS, UplinkInfo,
+    },
+};
+
+/// Packet/byte counters indexed by `balancer_common::counters::COUNTER_*`. Per-CPU, so the hot
+/// path needs no atomics; user space sums the slots.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// Flows as the LAN client sent them -> their uplink and translation. LRU, so a full table
+/// forgets the idlest flow instead of refusing new ones.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Replies as they arrive on an uplink -> the flow they belong to. Inserted with the flow, as
+/// a pair; its `BPF_NOEXIST` insert is what reserves a translated port.
+#[map]
+pub static NAT_REVERSE: LruHashMap<ReverseKey, FlowKey> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Fragmented datagrams of known flows -> the translation of their later fragments, which
+/// carry no ports. Filled by the first fragment; LRU, short-lived by nature.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
+    LruHashMap::with_max_entries(FRAGMENT_ENTRIES, 0);
+
+#[map]
+pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(UPLINK_SLOTS, 0);
+
+/// ifindex -> uplink id, for the programs attached to uplinks.
+#[map]
+pub static UPLINK_BY_IFINDEX: HashMap<u32, u32> =
+    HashMap::with_max_entries(UPLINK_BY_IFINDEX_ENTRIES, 0);
+
+/// Uplink ids in smooth weighted round-robin order; `SCHEDULE_LENGTH[0]` slots are in use.
+#[map]
+pub static SCHEDULE: Array<u32> = Array::with_max_entries(SCHEDULE_SLOTS, 0);
+
+#[map]
+pub static SCHEDULE_LENGTH: Array<ScheduleLength> = Array::with_max_entries(1, 0);
+
+/// Each CPU's position in `SCHEDULE`. Per-CPU: no atomics, and every CPU walks the whole
+/// cycle, so the split holds per CPU and therefore overall.
+#[map]
+pub static SCHEDULE_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Destination prefix -> `DESTINATION_PASS` or a forced uplink id. aya-ebpf adds
+/// `BPF_F_NO_PREALLOC`, which the kernel requires for LPM tries.
+#[map]
+pub static DESTINATIONS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(DESTINATION_ENTRIES, 0);
+
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// `UPLINK_COUNTERS[id * UPLINK_COUNTER_FIELDS + field]`, per CPU.
+#[map]
+pub static UPLINK_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(UPLINK_COUNTERS_LEN, 0);
+
+/// Why packets were passed untouched or dropped, per CPU.
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASONS_LEN, 0);
+
+/// Adds `by` to slot `index` of a per-CPU counter array. A missing slot only happens if `index`
+/// is out of range, which the shared constants rule out; there is nothing better to do than
+/// skip it.
+#[inline(always)]
+fn add(map: &PerCpuArray<u64>, index: u32, by: u64) {
+    if let Some(slot) = map.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup, so it is valid and
+        // only this CPU writes it while this program runs (BPF programs do not migrate).
+        unsafe { *slot = (*slot).wrapping_add(by) };
+    }
+}
+
+/// LAN ingress counters (`balancer_common::counters`).
+#[inline(always)]
+pub fn bump(index: u32, by: u64) {
+    add(&COUNTERS, index, by);
+}
+
+/// Per-uplink counters (`balancer_common::stats::UPLINK_*`).
+#[inline(always)]
+pub fn bump_uplink(id: u32, field: u32, by: u64) {
+    if id < UPLINK_SLOTS {
+        add(&UPLINK_COUNTERS, id * UPLINK_COUNTER_FIELDS + field, by);
+    }
+}
+
+/// Pass/drop reasons (`balancer_common::stats::PASS_*`, `DROP_*`).
+#[inline(always)]
+pub fn bump_reason(reason: u32) {
+    add(&REASONS, reason, 1);
+}

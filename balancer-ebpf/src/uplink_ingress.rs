@@ -1,0 +1,108 @@
+//! Uplink ingress: count, then reverse-NAT replies to translated flows (and later fragments of
+//! their datagrams, and ICMP errors about their packets) and mark them with the flow's mark, so they pass rp_filter (`src_valid_mark`) and the `fwmark` rules like the
+//! flow's outgoing packets. Everything else (replies to the gateway's own sockets, whose ports
+//! lie outside the translated range) goes to the stack untouched.
+
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use balancer_common::{
+    flow::{FLOW_FLAG_ANSWERED, PROTOCOL_ICMP, PROTOCOL_TCP, ReverseKey},
+    policy::flow_after_packet,
+    stats::{
+        PASS_ICMP_OTHER, PASS_NOT_TRANSLATED, UPLINK_RX_BYTES, UPLINK_RX_PACKETS,
+        UPLINK_TCP_ANSWERED,
+    },
+};
+
+use crate::{
+    fragments,
+    headers::ICMP_ECHO_REPLY,
+    icmp_error,
+    lan_ingress::set_mark,
+    maps::{FLOWS, NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
+    nat::{Side, rewrite},
+    parse::{parse_ipv4, parse_l4},
+};
+
+#[inline(always)]
+pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
+    // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is a plain u32, copied out at once.
+    if let Some(&id) = unsafe { UPLINK_BY_IFINDEX.get(ifindex) } {
+        bump_uplink(id, UPLINK_RX_PACKETS, 1);
+        bump_uplink(id, UPLINK_RX_BYTES, u64::from(ctx.len()));
+    }
+
+    let ip = parse_ipv4(ctx)?;
+    if ip.later_fragment {
+        return fragments::translate(ctx, &ip, Side::Destination, 0);
+    }
+    let packet = parse_l4(ctx, ip)?;
+    let protocol = packet.ip.protocol;
+    if protocol == PROTOCOL_ICMP && icmp_error::is_error(packet.icmp_type) {
+        let (quoted, key, mark) = icmp_error::remote_flow(ctx, &packet.ip)?;
+        icmp_error::rewrite(
+            ctx,
+            &packet.ip,
+            &quoted,
+            Side::Destination,
+            key.client_addr,
+            key.client_port,
+        )?;
+        set_mark(ctx, mark);
+        return Ok(());
+    }
+    if protocol == PROTOCOL_ICMP && packet.icmp_type != ICMP_ECHO_REPLY {
+        return Err(PASS_ICMP_OTHER);
+    }
+    let reverse = ReverseKey {
+        uplink_addr: packet.ip.dst,
+        remote_addr: packet.ip.src,
+        nat_port: packet.dst_port,
+        remote_port: if protocol == PROTOCOL_ICMP {
+            0
+        } else {
+            packet.src_port
+        },
+        protocol,
+        _pad: [0; 3],
+    };
+    let key = NAT_REVERSE.get_ptr(&reverse).ok_or(PASS_NOT_TRANSLATED)?;
+    // SAFETY: a successful lookup returns a pointer to the value; copied out at once, since
+    // LRU entries may be reused under us.
+    let key = unsafe { *key };
+    let entry = FLOWS.get_ptr_mut(&key).ok_or(PASS_NOT_TRANSLATED)?;
+    // SAFETY: a pointer into the map value, valid for this run (see `FlowEntry` on sharing).
+    let entry = unsafe { &mut *entry };
+    // A reverse entry left behind by a replaced or evicted flow must not steer replies into a
+    // flow that now uses another translation.
+    if entry.nat_port != reverse.nat_port || entry.uplink_addr != reverse.uplink_addr {
+        return Err(PASS_NOT_TRANSLATED);
+    }
+    // The coarse clock (same monotonic base, tick resolution) is plenty for timeouts of
+    // seconds and costs a fraction of the precise one on every reply packet.
+    // SAFETY: a plain helper call without arguments.
+    entry.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let was_answered = entry.flags & FLOW_FLAG_ANSWERED != 0;
+    let (state, flags) =
+        flow_after_packet(protocol, entry.state, entry.flags, packet.tcp_flags, true);
+    entry.state = state;
+    entry.flags = flags;
+    if protocol == PROTOCOL_TCP && !was_answered {
+        bump_uplink(u32::from(entry.uplink_id), UPLINK_TCP_ANSWERED, 1);
+    }
+    if protocol == PROTOCOL_TCP {
+        entry.remote_seq_next = packet.seq.wrapping_add(packet.seq_len);
+    }
+    let mark = entry.mark;
+    fragments::remember(&packet.ip, key.client_addr, mark, entry.uplink_id);
+    rewrite(
+        ctx,
+        &packet,
+        Side::Destination,
+        key.client_addr,
+        key.client_port,
+    )?;
+    set_mark(ctx, mark);
+    Ok(())
+}

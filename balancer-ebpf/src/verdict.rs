@@ -1,0 +1,40 @@
+//! The one place a program's decision becomes a tc action code.
+//!
+//! Every `try_*` function returns `Ok(())` when it handled the packet (translated, marked, or
+//! simply passed a packet it had nothing to do with) and `Err(reason)` with a
+//! `balancer_common::stats` reason otherwise; the reason is counted here and decides between
+//! passing untouched and dropping.
+
+use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use balancer_common::stats::{DROP_NAT_EXHAUSTED, DROP_REWRITE_FAILED};
+
+use crate::maps::bump_reason;
+
+/// Hand the packet on.
+///
+/// Under TCX, `TC_ACT_OK` (TCX_PASS) ends the hook's program chain: any program attached after
+/// ours, and any legacy clsact filter, would never see the packet. `TC_ACT_UNSPEC` (TCX_NEXT)
+/// runs the next program and, after the last one, lets the stack deliver the packet as usual.
+/// Counting, marking and translating must not hide traffic from other tools on the same
+/// interface, so "pass" means "next" here.
+pub const PASS: i32 = TC_ACT_UNSPEC;
+
+/// Free the packet. Only for the `DROP_*` reasons: the gateway never drops traffic it merely
+/// fails to understand.
+pub const DROP: i32 = TC_ACT_SHOT as i32;
+
+/// The tc action for a program's result.
+#[inline(always)]
+pub fn action(result: Result<(), u32>) -> i32 {
+    match result {
+        Ok(()) => PASS,
+        Err(reason) => {
+            bump_reason(reason);
+            if reason == DROP_NAT_EXHAUSTED || reason == DROP_REWRITE_FAILED {
+                DROP
+            } else {
+                PASS
+            }
+        }
+    }
+}

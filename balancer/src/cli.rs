@@ -1,0 +1,240 @@
+//! The `balancer` command line: parses arguments and calls the library; each subcommand prints
+//! what it did or found. Errors come back to `main`, which prints them with their causes.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::Config,
+    daemon::{self, DaemonError, RunOptions},
+    netlink::Netlink,
+    plan::{self, Strictness},
+    reconcile,
+    state::{StateDir, Status},
+    teardown,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "balancer",
+    version,
+    about = "Makes an office gateway's uplinks act as one fat pipe"
+)]
+pub struct Cli {
+    /// State directory (default: /run/balancer/net-<network namespace inode>).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Validate a config against this machine's interfaces and addresses; change nothing.
+    Check {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the changes `run` would make, as `ip` and `sysctl` commands; change nothing.
+    Plan {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Apply the config and keep it applied (foreground daemon).
+    Run {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Remove everything on exit (for labs and tests); by default it stays in place.
+        #[arg(long)]
+        teardown_on_exit: bool,
+    },
+    /// Remove every rule and route the balancer installed and restore the settings it changed.
+    Down {
+        /// Accepted for symmetry; `down` works from its own record and needs no config.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Show per-uplink traffic and flow counters (from the kernel, daemon running or not).
+    Stats {
+        /// Print a versioned JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running daemon's state.
+    Status {
+        /// Print the daemon's versioned JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let state_dir = StateDir::resolve(cli.state_dir.as_deref())?;
+    match cli.command {
+        Command::Check { config } => check(&config).await,
+        Command::Plan { config } => show_plan(&config).await,
+        Command::Run {
+            config,
+            teardown_on_exit,
+        } => Ok(daemon::run(RunOptions {
+            config_path: config,
+            state_dir,
+            teardown_on_exit,
+        })
+        .await?),
+        Command::Down { config } => down(config, &state_dir).await,
+        Command::Status { json } => status(&state_dir, json),
+        Command::Stats { json } => {
+            let pins = crate::dataplane::bpffs::PinDir::for_this_namespace()?;
+            let stats = crate::stats::read(&pins, &state_dir.path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print!("{}", crate::stats::table(&stats));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn load_and_observe(path: &std::path::Path) -> anyhow::Result<(Config, plan::Observed)> {
+    let config = Config::load(path)?;
+    let netlink = Netlink::connect()?;
+    let observed = reconcile::observe(&netlink, &config).await?;
+    Ok((config, observed))
+}
+
+async fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let (config, observed) = load_and_observe(path).await?;
+    plan::desired(&config, &observed, Strictness::Strict).map_err(|error| DaemonError::Config {
+        path: path.display().to_string(),
+        error,
+    })?;
+    println!("{}: OK, {} uplink(s)", path.display(), config.uplinks.len());
+    for uplink in config.uplinks.iter().filter(|u| u.track.is_empty()) {
+        // Probing only the modem cannot see a dead line behind it; without targets, only
+        // carrier loss takes an uplink out of the rotation.
+        eprintln!(
+            "warning: uplink {} has no `track` targets: a line that dies behind its modem will not be noticed",
+            uplink.name
+        );
+    }
+    for uplink in &config.uplinks {
+        println!(
+            "  {:<12} id {:<3} {} src {} via {}  weight {}  table {}  mark {:#x}",
+            uplink.name,
+            uplink.id,
+            uplink.interface,
+            uplink.source,
+            uplink.gateway,
+            uplink.weight,
+            uplink.table,
+            uplink.mark
+        );
+    }
+    Ok(())
+}
+
+async fn show_plan(path: &std::path::Path) -> anyhow::Result<()> {
+    let (config, observed) = load_and_observe(path).await?;
+    let operations = plan::plan(&config, &observed, Strictness::Strict).map_err(|error| {
+        DaemonError::Config {
+            path: path.display().to_string(),
+            error,
+        }
+    })?;
+    if operations.is_empty() {
+        println!(
+            "# nothing to change: the kernel already matches {}",
+            path.display()
+        );
+    }
+    for operation in operations {
+        println!("{operation}");
+    }
+    Ok(())
+}
+
+async fn down(config: Option<PathBuf>, state_dir: &StateDir) -> anyhow::Result<()> {
+    if let Some(path) = config {
+        // Only to catch a mistyped path; the record in the state directory drives the teardown.
+        Config::load(&path)?;
+    }
+    let netlink = Netlink::connect()?;
+    let report = teardown::down(&netlink, state_dir).await?;
+    println!(
+        "removed {} rule(s), {} route(s), {} data plane link(s) and {} map(s); restored {} setting(s)",
+        report.rules, report.routes, report.links, report.maps, report.sysctls
+    );
+    Ok(())
+}
+
+fn status(state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
+    let document = state_dir.query("status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&document)?);
+        return Ok(());
+    }
+    let status: Status = serde_json::from_value(document)?;
+    println!(
+        "daemon pid {}  config {}  reconciles {}",
+        status.pid, status.config, status.reconciles
+    );
+    if let Some(error) = &status.last_error {
+        println!("last error: {error}");
+    }
+    println!(
+        "{:<12} {:>3} {:<10} {:<16} {:<16} {:>6} {:>6} {:<8} {:<8} {:>6} {:>8}  WHY",
+        "UPLINK",
+        "ID",
+        "INTERFACE",
+        "SOURCE",
+        "GATEWAY",
+        "WEIGHT",
+        "TABLE",
+        "CARRIER",
+        "HEALTH",
+        "LOSS%",
+        "RTT ms",
+    );
+    for uplink in &status.uplinks {
+        let health = uplink.health.as_ref();
+        let state = match health {
+            Some(h) if h.passive.is_some() => "down".to_string(),
+            Some(h) if !h.tracked => "untracked".to_string(),
+            Some(h) => format!("{:?}", h.state).to_lowercase(),
+            None => "-".to_string(),
+        };
+        let why = uplink
+            .unavailable
+            .clone()
+            .or_else(|| health.and_then(|h| h.passive.clone()))
+            .or_else(|| health.and_then(|h| h.reason.clone()))
+            .unwrap_or_default();
+        println!(
+            "{:<12} {:>3} {:<10} {:<16} {:<16} {:>6} {:>6} {:<8} {:<8} {:>6} {:>8}  {}",
+            uplink.name,
+            uplink.id,
+            uplink.interface,
+            uplink.source,
+            uplink.gateway,
+            uplink.weight,
+            uplink.table,
+            if uplink.carrier { "up" } else { "down" },
+            state,
+            health.map_or("-".to_string(), |h| format!("{:.1}", h.loss_percent)),
+            health
+                .and_then(|h| h.rtt_ms)
+                .map_or("-".to_string(), |rtt| format!("{rtt:.1}")),
+            why
+        );
+    }
+    if let Some(proxy) = &status.proxy {
+        print!("{}", crate::proxy::table(proxy));
+    }
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! `balancer run`: applies the configuration, keeps it applied, and serves its status.
+//!
+//! On start it adopts whatever an earlier daemon left (the plan is a diff, so nothing is added
+//! twice and nothing is removed first). It re-plans when the kernel reports a change to links,
+//! addresses, routes or rules, and every 30 seconds. On SIGTERM or SIGINT it leaves everything
+//! in place so a restart or upgrade never cuts the office off, unless told to tear down on exit.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use rtnetlink::MulticastGroup;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    config::{Config, ConfigError, LoadError},
+    dataplane::{self, Dataplane, DataplaneError, bpffs::PinDir},
+    health,
+    netlink::{Netlink, NetlinkError},
+    plan::{self, Strictness},
+    reconcile::{self, ApplyError, OperationError},
+    state::{STATUS_VERSION, StateDir, StateError, Status, UplinkStatus},
+    stats::UplinkName,
+    sysctl::{SysctlBackup, SysctlError},
+    teardown::{self, TeardownError},
+};
+
+const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// How often uplinks out of the rotation are checked for connections to reset: the reset
+/// deadline (`health.reset_after_ms`) is met to within this.
+const RESET_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the data plane's TCP counters are sampled for passive detection.
+const PASSIVE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How often expired flows are removed so their NAT ports are free again.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Changes come in bursts (an interface going down removes several routes); wait for the burst
+/// to end before re-planning.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("config {path}: {error}")]
+    Config { path: String, error: ConfigError },
+    #[error("reading the kernel's state")]
+    Observe(#[source] OperationError),
+    #[error("applying the configuration")]
+    Apply(#[source] ApplyError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Sysctl(#[from] SysctlError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("listening on {path}")]
+    Listen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing the signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Teardown(#[from] TeardownError),
+    #[error("setting up the eBPF data plane")]
+    Dataplane(#[source] DataplaneError),
+    #[error("starting the forward proxy")]
+    Proxy(#[source] crate::proxy::ProxyError),
+}
+
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub state_dir: StateDir,
+    pub teardown_on_exit: bool,
+}
+
+struct Daemon {
+    /// Feeds the forward proxy the uplinks' usability after each reconcile.
+    proxy_feed: Option<tokio::sync::watch::Sender<Vec<crate::proxy::ProxyUplink>>>,
+    config: Config,
+    config_path: String,
+    netlink: Netlink,
+    backup: SysctlBackup,
+    status: Arc<Mutex<Status>>,
+    dataplane: Option<Dataplane>,
+    /// Started after the first apply, when the routes the probes leave by exist.
+    health: Option<health::Monitor>,
+    /// Uplinks whose new TCP flows go unanswered while others' are answered.
+    passive: health::passive::PassiveDetector,
+}
+
+impl Daemon {
+    async fn reconcile(&mut self, strictness: Strictness) -> Result<usize, DaemonError> {
+        let mut observed = reconcile::observe(&self.netlink, &self.config)
+            .await
+            .map_err(DaemonError::Observe)?;
+        if let Some(monitor) = &self.health {
+            let mut down = monitor.down();
+            down.extend(
+                self.passive
+                    .condemned()
+                    .iter()
+                    .filter(|id| !down.contains(id))
+                    .copied()
+                    .collect::<Vec<_>>(),
+            );
+            // Every uplink down: keep using those with carrier rather than cut the office off.
+            if down.len() < self.config.uplinks.len() {
+                observed.down = down;
+            }
+        }
+        // Status reflects what was observed even when applying fails below.
+        // The tolerant plan feeds the status (even when applying fails below); it is also the
+        // plan to apply except at start, when the strict one must pass first.
+        let tolerant = plan::desired(&self.config, &observed, Strictness::Tolerant);
+        let unavailable = tolerant
+            .as_ref()
+            .map(|d| d.unavailable.clone())
+            .unwrap_or_default();
+        let uplinks = self.uplink_status(&observed, &unavailable);
+        crate::proxy::feed(&self.proxy_feed, &self.config, &uplinks, &observed.down);
+        if let Ok(mut status) = self.status.lock() {
+            status.uplinks = uplinks;
+        }
+        let desired = match strictness {
+            Strictness::Tolerant => tolerant,
+            Strictness::Strict => plan::desired(&self.config, &observed, strictness),
+        }
+        .map_err(|error| DaemonError::Config {
+            path: self.config_path.clone(),
+            error,
+        })?;
+        let operations = plan::diff(&desired, &observed);
+        reconcile::apply(&self.netlink, &mut self.backup, &operations)
+            .await
+            .map_err(DaemonError::Apply)?;
+        if let Some(dataplane) = &mut self.dataplane {
+            let wanted = dataplane::desired::desired(&self.config, &observed, &desired.unavailable);
+            if let Err(error) = dataplane.apply(&wanted) {
+                // At start, all or nothing: take back the routing this attempt installed.
+                if strictness == Strictness::Strict {
+                    let failures =
+                        reconcile::undo(&self.netlink, &mut self.backup, &operations).await;
+                    for failure in failures {
+                        tracing::error!(%failure, "could not undo");
+                    }
+                }
+                return Err(DaemonError::Dataplane(error));
+            }
+        }
+        if let Ok(mut status) = self.status.lock() {
+            status.reconciles += 1;
+            status.last_reconcile_unix = now_unix();
+            status.last_error = None;
+        }
+        Ok(operations.len())
+    }
+
+    fn uplink_status(
+        &self,
+        observed: &plan::Observed,
+        unavailable: &[(String, String)],
+    ) -> Vec<UplinkStatus> {
+        self.config
+            .uplinks
+            .iter()
+            .map(|uplink| UplinkStatus {
+                id: uplink.id,
+                name: uplink.name.clone(),
+                interface: uplink.interface.clone(),
+                source: uplink.source.to_string(),
+                gateway: uplink.gateway.to_string(),
+                weight: uplink.weight,
+                table: uplink.table,
+                mark: format!("{:#x}", uplink.mark),
+                carrier: observed
+                    .links
+                    .iter()
+                    .any(|l| l.interface.name == uplink.interface && l.carrier),
+                unavailable: unavailable
+                    .iter()
+                    .find(|(name, _)| *name == uplink.name)
+                    .map(|(_, reason)| reason.clone()),
+                health: None,
+            })
+            .collect()
+    }
+}
+
+/// Records the uplinks' names for `balancer stats`, which reads the kernel's maps (ids only),
+/// also when the daemon is not running. Best effort: stats fall back to ids.
+fn write_uplink_names(config: &Config, state_dir: &StateDir) {
+    let names: Vec<UplinkName> = config
+        .uplinks
+        .iter()
+        .map(|u| UplinkName {
+            id: u.id,
+            name: u.name.clone(),
+            interface: u.interface.clone(),
+        })
+        .collect();
+    if let Ok(text) = serde_json::to_string_pretty(&names)
+        && let Err(error) = std::fs::write(crate::stats::names_path(&state_dir.path), text)
+    {
+        tracing::warn!(%error, "recording uplink names for `balancer stats`");
+    }
+}
+
+type HealthFigures =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u32, health::UplinkHealth>>>;
+
+/// Where the TCP connect that clears a passive verdict goes: the uplink's first `tcp:` target,
+/// else its first probe address on port 443 (a refusal counts: the RST came back over the line).
+fn acquittal_target(
+    uplink: &crate::config::Uplink,
+) -> Option<(std::net::Ipv4Addr, std::net::SocketAddrV4)> {
+    use crate::config::ProbeTarget;
+    let target = uplink
+        .track
+        .iter()
+        .find_map(|t| match t {
+            ProbeTarget::Tcp(address) => Some(*address),
+            ProbeTarget::Icmp(_) => None,
+        })
+        .or_else(|| {
+            uplink.track.iter().find_map(|t| match t {
+                ProbeTarget::Icmp(address) => Some(std::net::SocketAddrV4::new(*address, 443)),
+                ProbeTarget::Tcp(_) => None,
+            })
+        })?;
+    Some((uplink.source, target))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
+    let config = Config::load(&options.config_path)?;
+    let config_path = options.config_path.display().to_string();
+    let state_dir = options.state_dir;
+    state_dir.create()?;
+    state_dir.claim()?;
+    let result = serve(config, config_path, &state_dir, options.teardown_on_exit).await;
+    state_dir.release();
+    result
+}
+
+async fn serve(
+    config: Config,
+    config_path: String,
+    state_dir: &StateDir,
+    teardown_on_exit: bool,
+) -> Result<(), DaemonError> {
+    // Subscribe before the first apply so no change between apply and subscription is missed.
+    let (connection, _, mut changes) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv4Rule,
+    ])
+    .map_err(NetlinkError::Connect)?;
+    tokio::spawn(connection);
+
+    let status = Arc::new(Mutex::new(Status {
+        version: STATUS_VERSION,
+        pid: std::process::id(),
+        config: config_path.clone(),
+        state_dir: state_dir.path.display().to_string(),
+        started_unix: now_unix(),
+        reconciles: 0,
+        last_reconcile_unix: 0,
+        last_error: None,
+        uplinks: Vec::new(),
+        proxy: None,
+    }));
+    // Check the config against the kernel before anything is loaded or changed.
+    let netlink = Netlink::connect()?;
+    let observed = reconcile::observe(&netlink, &config)
+        .await
+        .map_err(DaemonError::Observe)?;
+    plan::desired(&config, &observed, Strictness::Strict).map_err(|error| DaemonError::Config {
+        path: config_path.clone(),
+        error,
+    })?;
+    // The forward proxy binds now, so a taken address fails the start with nothing changed;
+    // it serves once the first apply has installed the routes its sockets leave by.
+    let (proxy_feed, proxy) = match config.proxy.clone() {
+        Some(settings) => {
+            let (feed, uplinks) = tokio::sync::watch::channel(Vec::new());
+            let proxy = crate::proxy::Proxy::bind(&config, settings, uplinks)
+                .await
+                .map_err(DaemonError::Proxy)?;
+            (Some(feed), Some(proxy))
+        }
+        None => (None, None),
+    };
+    // Load (and verify) the programs before touching any routing, so a program the kernel
+    // refuses fails the start with nothing changed.
+    let pins = PinDir::for_this_namespace().map_err(|e| DaemonError::Dataplane(e.into()))?;
+    let mut fresh_pins = false;
+    let dataplane = if config.dataplane.enabled {
+        let (dataplane, adopted) = Dataplane::load_pinned(&pins, config.dataplane.flow_entries)
+            .map_err(DaemonError::Dataplane)?;
+        fresh_pins = !adopted;
+        tracing::info!(pins = %pins.root.display(), adopted, "eBPF data plane loaded");
+        Some(dataplane)
+    } else {
+        None
+    };
+    write_uplink_names(&config, state_dir);
+    let mut daemon = Daemon {
+        proxy_feed,
+        config,
+        config_path,
+        netlink,
+        backup: SysctlBackup::open(state_dir.sysctl_backup())?,
+        status: status.clone(),
+        dataplane,
+        health: None,
+        passive: Default::default(),
+    };
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    // The first apply is all or nothing: a failure rolls back and the daemon exits non-zero.
+    let changed = match daemon.reconcile(Strictness::Strict).await {
+        Ok(changed) => changed,
+        Err(error) => {
+            if fresh_pins {
+                drop(daemon.dataplane.take());
+                let _ = dataplane::teardown(&pins);
+            }
+            return Err(error);
+        }
+    };
+    tracing::info!(
+        changed,
+        uplinks = daemon.config.uplinks.len(),
+        "configuration applied"
+    );
+    if let Some(proxy) = proxy {
+        proxy.spawn(status.clone());
+    }
+    let monitor = health::spawn(&daemon.config);
+    let mut verdicts = monitor.verdicts.clone();
+    let figures = monitor.figures.clone();
+    daemon.health = Some(monitor);
+
+    let socket = state_dir.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(|source| DaemonError::Listen {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    tokio::spawn(serve_status(listener, status.clone(), figures.clone()));
+    tracing::info!(socket = %socket.display(), "serving status");
+
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    resync.reset();
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.reset();
+    let mut reset_check = tokio::time::interval(RESET_CHECK_INTERVAL);
+    let mut passive_check = tokio::time::interval(PASSIVE_CHECK_INTERVAL);
+    let (acquittal_results, mut acquittals) = tokio::sync::mpsc::channel::<(u32, bool)>(16);
+    let mut acquittals_running = std::collections::BTreeSet::new();
+    let reset_after = Duration::from_millis(u64::from(daemon.config.health.reset_after_ms));
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = resync.tick() => {}
+            // A health verdict changed: act at once, no debounce (failover time counts).
+            Ok(()) = verdicts.changed() => {}
+            _ = passive_check.tick() => {
+                let Some(dataplane) = &daemon.dataplane else { continue };
+                let counters = match dataplane.tcp_counters() {
+                    Ok(counters) => counters,
+                    Err(error) => {
+                        tracing::warn!(error = %error_chain(&error), "reading the TCP counters");
+                        continue;
+                    }
+                };
+                let newly = daemon.passive.observe(std::time::Instant::now(), counters);
+                for (id, why) in &newly {
+                    tracing::info!(uplink = id, reason = %why, "uplink down by passive detection");
+                    if let Ok(mut figures) = figures.lock()
+                        && let Some(entry) = figures.get_mut(id)
+                    {
+                        entry.passive = Some(why.clone());
+                    }
+                }
+                // A condemned uplink rejoins only after a TCP connect through it succeeds.
+                for id in daemon.passive.condemned().clone() {
+                    if !acquittals_running.insert(id) {
+                        continue;
+                    }
+                    let uplink = daemon.config.uplinks.iter().find(|u| u.id == id).cloned();
+                    let results = acquittal_results.clone();
+                    tokio::spawn(async move {
+                        let ok = match uplink.as_ref().and_then(acquittal_target) {
+                            Some((source, target)) => {
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                health::probe::tcp_probe(source, target, Duration::from_secs(1)).await.is_some()
+                            }
+                            None => false,
+                        };
+                        let _ = results.send((id, ok)).await;
+                    });
+                }
+                if newly.is_empty() {
+                    continue;
+                }
+            }
+            Some((id, ok)) = acquittals.recv() => {
+                acquittals_running.remove(&id);
+                if !ok || !daemon.passive.acquit(id) {
+                    continue;
+                }
+                tracing::info!(uplink = id, "a TCP connect succeeded through the uplink: it rejoins");
+                if let Ok(mut figures) = figures.lock()
+                    && let Some(entry) = figures.get_mut(&id)
+                {
+                    entry.passive = None;
+                }
+            }
+            _ = reset_check.tick() => {
+                if let Some(dataplane) = &mut daemon.dataplane
+                    && let Err(error) = dataplane.reset_due(reset_after)
+                {
+                    tracing::warn!(error = %error_chain(&error), "resetting connections on an uplink out of the rotation");
+                }
+                continue;
+            }
+            _ = sweep.tick() => {
+                if let Some(dataplane) = &mut daemon.dataplane {
+                    match dataplane.sweep(crate::stats::monotonic_ns()) {
+                        Ok(0) => {}
+                        Ok(removed) => tracing::debug!(removed, "expired flows removed"),
+                        Err(error) => tracing::warn!(error = %error_chain(&error), "sweeping expired flows"),
+                    }
+                }
+                continue;
+            }
+            Some(_) = changes.next() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, changes.next()).await {}
+            }
+        }
+        match daemon.reconcile(Strictness::Tolerant).await {
+            Ok(0) => {}
+            Ok(changed) => {
+                tracing::info!(changed, "restored the configuration after a kernel change")
+            }
+            Err(error) => {
+                let shown = error_chain(&error);
+                tracing::warn!(error = %shown, "could not keep the configuration applied; will retry");
+                if let Ok(mut status) = status.lock() {
+                    status.last_error = Some(shown);
+                }
+            }
+        }
+    }
+
+    if teardown_on_exit {
+        let report = teardown::down(&daemon.netlink, state_dir).await?;
+        drop(daemon.dataplane.take());
+        tracing::info!(
+            rules = report.rules,
+            routes = report.routes,
+            sysctls = report.sysctls,
+            "removed everything on exit"
+        );
+    } else {
+        tracing::info!("exiting; routes, rules, settings and the pinned data plane stay in place");
+    }
+    Ok(())
+}
+
+async fn serve_status(listener: UnixListener, status: Arc<Mutex<Status>>, figures: HealthFigures) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let status = status.clone();
+        let figures = figures.clone();
+        tokio::spawn(async move {
+            let (reader, mut writer) = stream.into_split();
+            let mut request = String::new();
+            // A request is one short line; never buffer more than that from a client.
+            let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(reader, 256));
+            let read = reader.read_line(&mut request);
+            if tokio::time::timeout(Duration::from_secs(2), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let answer = match request.trim() {
+                "" | "status" => {
+                    let mut document = status.lock().ok().map(|s| s.clone());
+                    if let (Some(document), Ok(figures)) = (document.as_mut(), figures.lock()) {
+                        for uplink in &mut document.uplinks {
+                            uplink.health = figures.get(&uplink.id).cloned();
+                        }
+                    }
+                    document
+                        .and_then(|d| serde_json::to_string(&d).ok())
+                        .unwrap_or_else(|| r#"{"error":"status unavailable"}"#.to_string())
+                }
+                other => serde_json::json!({ "version": STATUS_VERSION, "error": format!("unknown request {other:?}") })
+                    .to_string(),
+            };
+            let _ = writer.write_all(answer.as_bytes()).await;
+            let _ = writer.write_all(b"\n").await;
+            let _ = writer.shutdown().await;
+        });
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut shown = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        shown.push_str(": ");
+        shown.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    shown
+}

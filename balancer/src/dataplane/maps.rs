@@ -1,0 +1,299 @@
+//! Writing the data plane's maps from the desired state, sweeping expired flows, and the typed
+//! map access both need. Writes are ordered so a program never sees a half-written state.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+};
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, HashMap, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+use balancer_common::{
+    flow::{FlowEntry, FlowKey, ReverseKey},
+    maps as names,
+    uplink::{ScheduleLength, Settings, UPLINK_SLOTS, UplinkInfo},
+};
+use ipnet::Ipv4Net;
+
+use super::{Dataplane, DataplaneError, bpffs::PinDir, desired::DataplaneDesired};
+
+impl Dataplane {
+    pub(super) fn write_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError> {
+        let mut map: Array<_, Settings> = typed(&mut self.ebpf, names::SETTINGS)?;
+        map.set(0, settings, 0)
+            .map_err(write_error(names::SETTINGS))
+    }
+
+    /// Writes every uplink slot. The generation moves on whenever a slot stops taking new flows
+    /// or changes address, which releases the flows pinned to it lazily in the kernel.
+    pub(super) fn write_uplinks(
+        &mut self,
+        desired: &DataplaneDesired,
+    ) -> Result<(), DataplaneError> {
+        let mut uplinks: Array<_, UplinkInfo> = typed(&mut self.ebpf, names::UPLINKS)?;
+        for id in 1..UPLINK_SLOTS {
+            let old = uplinks.get(&id, 0).map_err(read_error(names::UPLINKS))?;
+            let new = match desired.uplinks.iter().find(|slot| slot.id == id) {
+                Some(slot) => UplinkInfo {
+                    source_addr: u32::from_ne_bytes(slot.source.octets()),
+                    mark: slot.mark,
+                    generation: old.generation,
+                    ifindex: slot.ifindex,
+                    enabled: u8::from(slot.enabled),
+                    _pad: 0,
+                    mss_max: slot.mss_max,
+                },
+                None => UplinkInfo {
+                    generation: old.generation,
+                    ..UplinkInfo::default()
+                },
+            };
+            let released =
+                old.enabled == 1 && (new.enabled == 0 || new.source_addr != old.source_addr);
+            let new = UplinkInfo {
+                generation: old.generation.wrapping_add(u32::from(released)),
+                ..new
+            };
+            if new != old {
+                uplinks
+                    .set(id, new, 0)
+                    .map_err(write_error(names::UPLINKS))?;
+            }
+        }
+        let mut by_ifindex: HashMap<_, u32, u32> = typed(&mut self.ebpf, names::UPLINK_BY_IFINDEX)?;
+        let wanted: BTreeMap<u32, u32> = desired
+            .uplinks
+            .iter()
+            .map(|slot| (slot.ifindex, slot.id))
+            .collect();
+        let present: Vec<u32> = by_ifindex.keys().filter_map(Result::ok).collect();
+        for ifindex in present {
+            if !wanted.contains_key(&ifindex) {
+                by_ifindex
+                    .remove(&ifindex)
+                    .map_err(write_error(names::UPLINK_BY_IFINDEX))?;
+            }
+        }
+        for (ifindex, id) in wanted {
+            by_ifindex
+                .insert(ifindex, id, 0)
+                .map_err(write_error(names::UPLINK_BY_IFINDEX))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_destinations(
+        &mut self,
+        destinations: &[(Ipv4Net, u32)],
+    ) -> Result<(), DataplaneError> {
+        let mut trie: LpmTrie<_, u32, u32> = typed(&mut self.ebpf, names::DESTINATIONS)?;
+        let key = |net: &Ipv4Net| {
+            Key::new(
+                u32::from(net.prefix_len()),
+                u32::from_ne_bytes(net.addr().octets()),
+            )
+        };
+        let wanted: Vec<Key<u32>> = destinations.iter().map(|(net, _)| key(net)).collect();
+        let present: Vec<Key<u32>> = trie.keys().filter_map(Result::ok).collect();
+        for old in present {
+            if !wanted
+                .iter()
+                .any(|k| k.prefix_len() == old.prefix_len() && k.data() == old.data())
+            {
+                trie.remove(&old)
+                    .map_err(write_error(names::DESTINATIONS))?;
+            }
+        }
+        for (net, action) in destinations {
+            trie.insert(&key(net), action, 0)
+                .map_err(write_error(names::DESTINATIONS))?;
+        }
+        Ok(())
+    }
+
+    /// Fills the slots first and publishes the length last, so a program never reads a slot
+    /// that is not written yet.
+    pub(super) fn write_schedule(&mut self, schedule: &[u32]) -> Result<(), DataplaneError> {
+        let mut slots: Array<_, u32> = typed(&mut self.ebpf, names::SCHEDULE)?;
+        for (index, id) in schedule.iter().enumerate() {
+            slots
+                .set(index as u32, id, 0)
+                .map_err(write_error(names::SCHEDULE))?;
+        }
+        let mut length: Array<_, ScheduleLength> = typed(&mut self.ebpf, names::SCHEDULE_LENGTH)?;
+        length
+            .set(
+                0,
+                ScheduleLength {
+                    length: schedule.len() as u32,
+                },
+                0,
+            )
+            .map_err(write_error(names::SCHEDULE_LENGTH))
+    }
+
+    /// Deletes flows whose timeout has passed (both halves), so their ports are free again, and
+    /// reverse entries whose flow is gone or points elsewhere (left by LRU eviction or a lost
+    /// race), which would otherwise hold their ports. Returns how many entries it removed.
+    pub fn sweep(&mut self, now_ns: u64) -> Result<usize, DataplaneError> {
+        let settings = {
+            let map: Array<_, Settings> = typed(&mut self.ebpf, names::SETTINGS)?;
+            map.get(&0, 0).map_err(read_error(names::SETTINGS))?
+        };
+        let expired = |key: &FlowKey, entry: &FlowEntry| {
+            balancer_common::policy::flow_expired(entry, key.protocol, &settings, now_ns)
+        };
+        let mut removed = 0;
+        let candidates: Vec<FlowKey> = {
+            let flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+            flows
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(key, entry)| expired(key, entry))
+                .map(|(key, _)| key)
+                .collect()
+        };
+        for key in candidates {
+            let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+            // The program may have refreshed the flow since the scan: look again right before.
+            let Ok(entry) = flows.get(&key, 0) else {
+                continue;
+            };
+            if !expired(&key, &entry) {
+                continue;
+            }
+            if flows.remove(&key).is_ok() {
+                removed += 1;
+            }
+            let mut reverse: HashMap<_, ReverseKey, FlowKey> =
+                typed(&mut self.ebpf, names::NAT_REVERSE)?;
+            let _ = reverse.remove(&reverse_key(&key, &entry));
+        }
+        let orphans: HashSet<ReverseKey> = {
+            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
+            let reverse: HashMap<_, ReverseKey, FlowKey> =
+                typed_ref(&self.ebpf, names::NAT_REVERSE)?;
+            reverse
+                .iter()
+                .filter_map(Result::ok)
+                .filter(
+                    |(reverse_key_found, flow_key)| match flows.get(flow_key, 0) {
+                        Ok(entry) => reverse_key(flow_key, &entry) != *reverse_key_found,
+                        Err(_) => true,
+                    },
+                )
+                .map(|(k, _)| k)
+                .collect()
+        };
+        // The kernel creates the reverse half first, so a flow being created right now looks like
+        // an orphan for a moment: only what was orphaned at the previous sweep too is removed.
+        let confirmed: Vec<ReverseKey> =
+            orphans.intersection(&self.orphans_seen).copied().collect();
+        let mut reverse: HashMap<_, ReverseKey, FlowKey> =
+            typed(&mut self.ebpf, names::NAT_REVERSE)?;
+        for key in &confirmed {
+            if reverse.remove(key).is_ok() {
+                removed += 1;
+            }
+        }
+        self.orphans_seen = orphans;
+        Ok(removed)
+    }
+}
+
+/// The reverse-NAT key a flow's replies carry.
+pub fn reverse_key(key: &FlowKey, entry: &FlowEntry) -> ReverseKey {
+    ReverseKey {
+        uplink_addr: entry.uplink_addr,
+        remote_addr: key.remote_addr,
+        nat_port: entry.nat_port,
+        remote_port: key.remote_port,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    }
+}
+
+pub(super) fn typed<'a, T>(ebpf: &'a mut Ebpf, map: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let found = ebpf
+        .map_mut(map)
+        .ok_or(DataplaneError::MissingMap { map })?;
+    T::try_from(found).map_err(|source| DataplaneError::Map {
+        map,
+        source: Box::new(source),
+    })
+}
+
+fn typed_ref<'a, T>(ebpf: &'a Ebpf, map: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+{
+    let found = ebpf.map(map).ok_or(DataplaneError::MissingMap { map })?;
+    T::try_from(found).map_err(|source| DataplaneError::Map {
+        map,
+        source: Box::new(source),
+    })
+}
+
+fn read_error(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+fn write_error(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::WriteMap {
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// Opens a pinned map read-only from another process (`balancer stats`).
+pub fn open_pinned(pins: &PinDir, map: &'static str) -> Result<aya::maps::Map, DataplaneError> {
+    let data = MapData::from_pin(pins.map(map)).map_err(read_error(map))?;
+    aya::maps::Map::from_map_data(data).map_err(read_error(map))
+}
+
+/// An IPv4 address kept in network order inside a `u32`, as the maps hold it.
+pub fn address_of(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+impl Dataplane {
+    /// Per uplink in the rotation's slots: new TCP flows and answered ones, since attach.
+    pub fn tcp_counters(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, (u64, u64)>, DataplaneError> {
+        use balancer_common::stats::{
+            UPLINK_COUNTER_FIELDS, UPLINK_TCP_ANSWERED, UPLINK_TCP_NEW_FLOWS,
+        };
+        let counters: aya::maps::PerCpuArray<_, u64> =
+            typed_ref(&self.ebpf, names::UPLINK_COUNTERS)?;
+        let sum = |index: u32| -> Result<u64, DataplaneError> {
+            let values = counters
+                .get(&index, 0)
+                .map_err(read_error(names::UPLINK_COUNTERS))?;
+            Ok(values.iter().fold(0u64, |total, v| total.wrapping_add(*v)))
+        };
+        let mut result = std::collections::BTreeMap::new();
+        for slot in self.written.iter().flat_map(|w| &w.uplinks) {
+            let base = slot.id * UPLINK_COUNTER_FIELDS;
+            result.insert(
+                slot.id,
+                (
+                    sum(base + UPLINK_TCP_NEW_FLOWS)?,
+                    sum(base + UPLINK_TCP_ANSWERED)?,
+                ),
+            );
+        }
+        Ok(result)
+    }
+}

@@ -1,0 +1,188 @@
+//! Resetting the LAN clients' TCP connections stuck on a dead uplink, so they reconnect (and get
+//! a live uplink) instead of hanging until their own timeouts.
+//!
+//! The data plane saw both directions of every flow, so the flow table holds the sequence
+//! number the client expects next from the server (`remote_seq_next`). An RST from the server's
+//! address and port with exactly that sequence number is accepted by the client (RFC 5961
+//! accepts an exact match without a challenge), also when the client was only receiving and
+//! sends nothing that could trigger a reset. It is sent from user space through a raw socket:
+//! the packet leaves by the LAN route to the client like any reply.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use aya::maps::HashMap;
+use balancer_common::{
+    flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseKey},
+    maps as names,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{Dataplane, DataplaneError, maps::typed, reverse_key};
+use crate::packet::internet_checksum;
+
+impl Dataplane {
+    /// Resets the flows of every uplink that has been out of the rotation for at least `after`,
+    /// once per outage. Nothing is reset while no uplink is usable: then the uplinks with
+    /// carrier keep carrying what they can, and resetting would only make things worse.
+    pub fn reset_due(&mut self, after: std::time::Duration) -> Result<usize, DataplaneError> {
+        let Some(written) = &self.written else {
+            return Ok(0);
+        };
+        if written.uplinks.iter().all(|slot| !slot.enabled) {
+            return Ok(0);
+        }
+        let due: Vec<u32> = self
+            .disabled_since
+            .iter()
+            .filter(|(id, since)| since.elapsed() >= after && !self.reset_done.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut total = 0;
+        for id in due {
+            let reset = self.reset_flows_of(id)?;
+            tracing::info!(
+                uplink = id,
+                reset,
+                "reset the TCP connections stuck on an uplink out of the rotation"
+            );
+            self.reset_done.insert(id);
+            total += reset;
+        }
+        Ok(total)
+    }
+
+    /// Notes which uplinks left or rejoined the rotation, for [`Dataplane::reset_due`].
+    pub(super) fn track_rotation(&mut self, desired: &super::desired::DataplaneDesired) {
+        for slot in &desired.uplinks {
+            if slot.enabled {
+                self.disabled_since.remove(&slot.id);
+                self.reset_done.remove(&slot.id);
+            } else {
+                self.disabled_since
+                    .entry(slot.id)
+                    .or_insert_with(std::time::Instant::now);
+            }
+        }
+    }
+
+    /// Sends an RST to the client of every TCP flow on uplink `id` and removes those flows.
+    /// Returns how many clients were reset.
+    pub fn reset_flows_of(&mut self, id: u32) -> Result<usize, DataplaneError> {
+        let stuck: Vec<(FlowKey, FlowEntry)> = {
+            let flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+            flows
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(key, entry)| {
+                    key.protocol == PROTOCOL_TCP
+                        && u32::from(entry.uplink_id) == id
+                        && entry.state != FLOW_STATE_CLOSED
+                })
+                .collect()
+        };
+        if stuck.is_empty() {
+            return Ok(0);
+        }
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .map_err(|source| DataplaneError::Reset { source })?;
+        let mut sent = 0;
+        for (key, entry) in &stuck {
+            let packet = rst_to_client(key, entry);
+            let client = Ipv4Addr::from(key.client_addr.to_ne_bytes());
+            let destination: socket2::SockAddr =
+                SocketAddr::from(SocketAddrV4::new(client, 0)).into();
+            match socket.send_to(&packet, &destination) {
+                Ok(_) => sent += 1,
+                Err(error) => tracing::warn!(%client, %error, "sending a reset to a LAN client"),
+            }
+        }
+        let mut reverse: HashMap<_, ReverseKey, FlowKey> =
+            typed(&mut self.ebpf, names::NAT_REVERSE)?;
+        for (key, entry) in &stuck {
+            let _ = reverse.remove(&reverse_key(key, entry));
+        }
+        let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+        for (key, _) in &stuck {
+            let _ = flows.remove(key);
+        }
+        Ok(sent)
+    }
+}
+
+/// An IPv4 + TCP RST|ACK from the flow's server to its client, with the sequence number the
+/// client expects and acknowledging what the client sent.
+fn rst_to_client(key: &FlowKey, entry: &FlowEntry) -> Vec<u8> {
+    let source = key.remote_addr.to_ne_bytes();
+    let destination = key.client_addr.to_ne_bytes();
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&key.remote_port.to_ne_bytes());
+    tcp[2..4].copy_from_slice(&key.client_port.to_ne_bytes());
+    tcp[4..8].copy_from_slice(&entry.remote_seq_next.to_be_bytes());
+    tcp[8..12].copy_from_slice(&entry.client_seq_next.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x14; // RST | ACK
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&source);
+    pseudo.extend_from_slice(&destination);
+    pseudo.extend_from_slice(&[0, PROTOCOL_TCP, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let checksum = internet_checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = PROTOCOL_TCP;
+    ip[12..16].copy_from_slice(&source);
+    ip[16..20].copy_from_slice(&destination);
+    let checksum = internet_checksum(&ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    let mut packet = ip.to_vec();
+    packet.extend_from_slice(&tcp);
+    packet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_carries_the_expected_sequence_number_and_valid_checksums() {
+        let key = FlowKey {
+            client_addr: u32::from_ne_bytes([198, 18, 0, 11]),
+            remote_addr: u32::from_ne_bytes([198, 18, 9, 1]),
+            client_port: 40_000u16.to_be(),
+            remote_port: 9001u16.to_be(),
+            protocol: PROTOCOL_TCP,
+            _pad: [0; 3],
+        };
+        let entry = FlowEntry {
+            remote_seq_next: 0x1234_5678,
+            client_seq_next: 0x0abc_def0,
+            ..FlowEntry::default()
+        };
+        let packet = rst_to_client(&key, &entry);
+        assert_eq!(packet.len(), 40);
+        assert_eq!(internet_checksum(&packet[..20]), 0, "IPv4 header checksum");
+        assert_eq!(&packet[12..16], &[198, 18, 9, 1], "from the server");
+        assert_eq!(&packet[16..20], &[198, 18, 0, 11], "to the client");
+        let tcp = &packet[20..];
+        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 9001);
+        assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 40_000);
+        assert_eq!(
+            u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+            0x1234_5678,
+            "the client's RCV.NXT"
+        );
+        assert_eq!(tcp[13], 0x14);
+        let mut pseudo = packet[12..20].to_vec();
+        pseudo.extend_from_slice(&[0, PROTOCOL_TCP, 0, 20]);
+        pseudo.extend_from_slice(tcp);
+        assert_eq!(internet_checksum(&pseudo), 0, "TCP checksum");
+    }
+}

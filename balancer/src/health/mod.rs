@@ -1,0 +1,191 @@
+//! Uplink health: probes each uplink's `track` targets out of that uplink only, judges the
+//! results with a state machine per uplink, and publishes the verdicts. It only observes: the
+//! daemon turns a verdict into data plane and routing changes. Carrier loss needs no probe: the
+//! daemon sees it in the kernel's link events and disables the uplink at once.
+//!
+//! One task per tracked uplink and one per probe round (rounds overlap when the timeout is
+//! longer than the interval); no process per probe.
+
+pub mod passive;
+pub mod probe;
+mod tracker;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+pub use self::tracker::{State, Tracker, Transition};
+use crate::config::{Config, Health, ProbeTarget, Uplink};
+
+/// What `balancer status` shows about one uplink's health.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UplinkHealth {
+    pub state: State,
+    /// False when the uplink has no `track` targets: only its carrier is watched.
+    pub tracked: bool,
+    pub loss_percent: f64,
+    pub rtt_ms: Option<f64>,
+    pub last_change_unix: Option<u64>,
+    /// Why the state last changed.
+    pub reason: Option<String>,
+    pub transitions: u64,
+    /// Set while passive detection holds the uplink down (traffic unanswered), with why.
+    #[serde(default)]
+    pub passive: Option<String>,
+}
+
+/// Live figures for every uplink (updated every round) and the verdicts (changed only on a
+/// transition, so the daemon re-plans only when it matters).
+#[derive(Clone)]
+pub struct Monitor {
+    pub figures: Arc<Mutex<BTreeMap<u32, UplinkHealth>>>,
+    pub verdicts: watch::Receiver<BTreeMap<u32, State>>,
+}
+
+impl Monitor {
+    /// Ids of the uplinks judged down now.
+    pub fn down(&self) -> Vec<u32> {
+        self.verdicts
+            .borrow()
+            .iter()
+            .filter(|(_, s)| **s == State::Down)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Starts probing every uplink that has `track` targets. Must run after the routing is in
+/// place, or the first probes find no way out.
+pub fn spawn(config: &Config) -> Monitor {
+    let figures: Arc<Mutex<BTreeMap<u32, UplinkHealth>>> = Arc::default();
+    let initial: BTreeMap<u32, State> = config
+        .uplinks
+        .iter()
+        .map(|u| (u.id, State::Unknown))
+        .collect();
+    let (sender, verdicts) = watch::channel(initial);
+    let sender = Arc::new(sender);
+    for uplink in &config.uplinks {
+        let tracked = !uplink.track.is_empty();
+        if let Ok(mut figures) = figures.lock() {
+            figures.insert(
+                uplink.id,
+                UplinkHealth {
+                    state: State::Unknown,
+                    tracked,
+                    loss_percent: 0.0,
+                    rtt_ms: None,
+                    last_change_unix: None,
+                    reason: (!tracked)
+                        .then(|| "no track targets: only carrier is watched".to_string()),
+                    transitions: 0,
+                    passive: None,
+                },
+            );
+        }
+        if tracked {
+            tokio::spawn(watch_uplink(
+                uplink.clone(),
+                config.health.clone(),
+                figures.clone(),
+                sender.clone(),
+            ));
+        }
+    }
+    Monitor { figures, verdicts }
+}
+
+async fn watch_uplink(
+    uplink: Uplink,
+    health: Health,
+    figures: Arc<Mutex<BTreeMap<u32, UplinkHealth>>>,
+    verdicts: Arc<watch::Sender<BTreeMap<u32, State>>>,
+) {
+    let echo = if uplink
+        .track
+        .iter()
+        .any(|t| matches!(t, ProbeTarget::Icmp(_)))
+    {
+        match probe::EchoProber::new(uplink.id, uplink.source) {
+            Ok(prober) => Some(Arc::new(prober)),
+            Err(error) => {
+                tracing::error!(uplink = %uplink.name, %error, "cannot open an ICMP socket; ICMP targets count as lost");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (results, mut outcomes) = mpsc::channel::<Option<Duration>>(64);
+    let mut tracker = Tracker::default();
+    let mut transitions = 0u64;
+    let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(health.interval_ms)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let timeout = tracker.timeout(&health);
+                let (targets, source, echo, results) = (uplink.track.clone(), uplink.source, echo.clone(), results.clone());
+                tokio::spawn(async move {
+                    let _ = results.send(round(&targets, source, echo.as_deref(), timeout).await).await;
+                });
+            }
+            Some(outcome) = outcomes.recv() => {
+                let transition = tracker.record(outcome, &health);
+                if let Some(transition) = &transition {
+                    transitions += 1;
+                    tracing::info!(
+                        uplink = %uplink.name,
+                        from = ?transition.from,
+                        to = ?transition.to,
+                        reason = %transition.reason,
+                        "uplink health changed"
+                    );
+                    verdicts.send_modify(|map| {
+                        map.insert(uplink.id, transition.to);
+                    });
+                }
+                if let Ok(mut figures) = figures.lock()
+                    && let Some(entry) = figures.get_mut(&uplink.id)
+                {
+                    entry.state = tracker.state();
+                    entry.loss_percent = (tracker.loss() * 1000.0).round() / 10.0;
+                    entry.rtt_ms = tracker.rtt().map(|rtt| (rtt.as_secs_f64() * 10_000.0).round() / 10.0);
+                    entry.transitions = transitions;
+                    if let Some(transition) = transition {
+                        entry.last_change_unix = Some(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+                        entry.reason = Some(transition.reason);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One probe round: every target at once; the fastest answer, or None if none answered.
+async fn round(
+    targets: &[ProbeTarget],
+    source: std::net::Ipv4Addr,
+    echo: Option<&probe::EchoProber>,
+    timeout: Duration,
+) -> Option<Duration> {
+    let probes = targets.iter().map(|target| async move {
+        match target {
+            ProbeTarget::Icmp(address) => match echo {
+                Some(echo) => echo.probe(*address, timeout).await,
+                None => None,
+            },
+            ProbeTarget::Tcp(address) => probe::tcp_probe(source, *address, timeout).await,
+        }
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .min()
+}

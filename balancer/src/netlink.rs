@@ -1,0 +1,573 @@
+//! The only module that speaks rtnetlink: reads links, addresses, routes, rules and neighbours,
+//! and adds, replaces or deletes routes and rules. It converts between the kernel's messages and
+//! the plain values in `routing`; it makes no decisions.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_core::{
+        NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    },
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkFlags},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope as KernelScope,
+            RouteType,
+        },
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+};
+
+use crate::{
+    ownership,
+    routing::{Interface, Lookup, Route, RouteKind, RouteScope, Rule},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening a netlink socket")]
+    Connect(#[source] std::io::Error),
+    #[error("{action}")]
+    Kernel {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{action}")]
+    Protocol {
+        action: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+impl NetlinkError {
+    fn from_rtnetlink(action: impl Into<String>, source: rtnetlink::Error) -> Self {
+        match source {
+            rtnetlink::Error::NetlinkError(message) => NetlinkError::Kernel {
+                action: action.into(),
+                source: message.to_io(),
+            },
+            other => NetlinkError::Protocol {
+                action: action.into(),
+                source: other,
+            },
+        }
+    }
+
+    /// The kernel's errno, when the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Kernel { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// A network interface with its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub interface: Interface,
+    pub up: bool,
+    pub carrier: bool,
+    /// The interface MTU (0 when the kernel did not say).
+    pub mtu: u32,
+}
+
+/// An IPv4 address on an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub ifindex: u32,
+    pub network: Ipv4Net,
+}
+
+/// A connection to the kernel's routing subsystem.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a socket and drives it on the current tokio runtime.
+    pub fn connect() -> Result<Netlink, NetlinkError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let messages: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("listing interfaces", e))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|message| {
+                let name = message.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                })?;
+                let mtu = message.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(mtu) => Some(*mtu),
+                    _ => None,
+                });
+                let flags = message.header.flags;
+                Some(Link {
+                    interface: Interface {
+                        index: message.header.index,
+                        name,
+                    },
+                    up: flags.contains(LinkFlags::Up),
+                    carrier: flags.contains(LinkFlags::LowerUp),
+                    mtu: mtu.unwrap_or(0),
+                })
+            })
+            .collect())
+    }
+
+    pub async fn ipv4_addresses(&self) -> Result<Vec<Address>, NetlinkError> {
+        let messages: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("listing addresses", e))?;
+        Ok(messages
+            .into_iter()
+            .filter(|m| m.header.family == AddressFamily::Inet)
+            .filter_map(|message| {
+                // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
+                // point-to-point links (PPPoE), so prefer the former.
+                let local = message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(address)) => Some(*address),
+                    _ => None,
+                });
+                let address = local.or_else(|| {
+                    message.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(IpAddr::V4(address)) => Some(*address),
+                        _ => None,
+                    })
+                })?;
+                let network = Ipv4Net::new(address, message.header.prefix_len).ok()?;
+                Some(Address {
+                    ifindex: message.header.index,
+                    network,
+                })
+            })
+            .collect())
+    }
+
+    /// Every IPv4 unicast and unreachable route in every table, with interface names resolved
+    /// from `links`.
+    pub async fn routes(&self, links: &[Link]) -> Result<Vec<Route>, NetlinkError> {
+        let request = RouteMessageBuilder::<Ipv4Addr>::new().table_id(0).build();
+        let mut request = self.handle.route().get(request);
+        // A dump of table 0 with no table attribute returns every table.
+        request
+            .message_mut()
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Table(_)));
+        let messages: Vec<_> = request
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("listing routes", e))?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| route_from_message(m, links))
+            .collect())
+    }
+
+    /// Every IPv4 rule that looks up a table (the form the balancer writes and reads).
+    pub async fn rules(&self) -> Result<Vec<Rule>, NetlinkError> {
+        Ok(self
+            .rule_messages()
+            .await?
+            .iter()
+            .filter_map(rule_from_message)
+            .collect())
+    }
+
+    async fn rule_messages(&self) -> Result<Vec<RuleMessage>, NetlinkError> {
+        self.handle
+            .rule()
+            .get(rtnetlink::IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("listing rules", e))
+    }
+
+    pub async fn add_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        let message = route_to_message(route);
+        self.send(
+            RouteNetlinkMessage::NewRoute(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+            || format!("ip route add {route}"),
+        )
+        .await
+    }
+
+    /// Changes the route with the same table, destination and metric in place, so traffic never
+    /// sees a moment without it.
+    pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        let message = route_to_message(route);
+        self.send(
+            RouteNetlinkMessage::NewRoute(message),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            || format!("ip route replace {route}"),
+        )
+        .await
+    }
+
+    pub async fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        let message = route_to_message(route);
+        self.send(RouteNetlinkMessage::DelRoute(message), 0, || {
+            format!("ip route del {route}")
+        })
+        .await
+    }
+
+    pub async fn add_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+        let message = rule_to_message(rule);
+        self.send(
+            RouteNetlinkMessage::NewRule(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+            || format!("ip rule add {rule}"),
+        )
+        .await
+    }
+
+    pub async fn delete_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+        let message = rule_to_message(rule);
+        self.send(RouteNetlinkMessage::DelRule(message), 0, || {
+            format!("ip rule del {rule}")
+        })
+        .await
+    }
+
+    /// Deletes every rule and route tagged with the balancer's protocol, in any shape, and
+    /// returns how many of each it removed. Keeps going past failures and reports them all.
+    pub async fn delete_all_owned(&self, links: &[Link]) -> (usize, usize, Vec<NetlinkError>) {
+        let mut errors = Vec::new();
+        let mut rules_removed = 0;
+        match self.rule_messages().await {
+            Ok(messages) => {
+                for message in messages.into_iter().filter(|m| {
+                    ownership::owns_rule(rule_protocol(m).unwrap_or(0), rule_priority(m))
+                }) {
+                    let shown = rule_from_message(&message)
+                        .map(|rule| rule.to_string())
+                        .unwrap_or_else(|| format!("{message:?}"));
+                    match self
+                        .send(RouteNetlinkMessage::DelRule(message), 0, || {
+                            format!("ip rule del {shown}")
+                        })
+                        .await
+                    {
+                        Ok(()) => rules_removed += 1,
+                        Err(error) if is_gone(&error) => {}
+                        Err(error) => errors.push(error),
+                    }
+                }
+            }
+            Err(error) => errors.push(error),
+        }
+        let mut routes_removed = 0;
+        match self.routes(links).await {
+            Ok(routes) => {
+                for route in routes
+                    .iter()
+                    .filter(|r| ownership::owns_route(r.protocol, r.table))
+                {
+                    match self.delete_route(route).await {
+                        Ok(()) => routes_removed += 1,
+                        Err(error) if is_gone(&error) => {}
+                        Err(error) => errors.push(error),
+                    }
+                }
+            }
+            Err(error) => errors.push(error),
+        }
+        (rules_removed, routes_removed, errors)
+    }
+
+    /// Forgets every learned IPv4 neighbour on an interface, so a modem's MAC learned before the
+    /// ARP settings took effect is asked again. Returns how many entries were removed.
+    pub async fn flush_neighbours(&self, interface: &Interface) -> Result<usize, NetlinkError> {
+        let action = || format!("ip neigh flush dev {}", interface.name);
+        let entries: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(action(), e))?;
+        let mut removed = 0;
+        for entry in entries {
+            let learned = !matches!(
+                entry.header.state,
+                NeighbourState::Permanent | NeighbourState::Noarp
+            );
+            let ipv4 = entry.attributes.iter().any(|a| {
+                matches!(
+                    a,
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(_))
+                )
+            });
+            if entry.header.ifindex != interface.index || !learned || !ipv4 {
+                continue;
+            }
+            match self.handle.neighbours().del(entry).execute().await {
+                Ok(()) => removed += 1,
+                Err(error) => {
+                    let error = NetlinkError::from_rtnetlink(action(), error);
+                    if !is_gone(&error) {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn send(
+        &self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+        action: impl Fn() -> String,
+    ) -> Result<(), NetlinkError> {
+        let mut request = NetlinkMessage::from(message);
+        request.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        let mut handle = self.handle.clone();
+        let mut responses = handle
+            .request(request)
+            .map_err(|e| NetlinkError::from_rtnetlink(action(), e))?;
+        while let Some(response) = responses.next().await {
+            if let rtnetlink::packet_core::NetlinkPayload::Error(error) = response.payload
+                && error.code.is_some()
+            {
+                return Err(NetlinkError::Kernel {
+                    action: action(),
+                    source: error.to_io(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// True when a delete failed because the object is already gone, which is what was wanted.
+pub fn is_gone(error: &NetlinkError) -> bool {
+    matches!(error.errno(), Some(libc::ENOENT) | Some(libc::ESRCH))
+}
+
+/// True when an add failed because an equal object exists.
+pub fn is_exists(error: &NetlinkError) -> bool {
+    error.errno() == Some(libc::EEXIST)
+}
+
+fn route_to_message(route: &Route) -> RouteMessage {
+    let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.destination.addr(), route.destination.prefix_len())
+        .table_id(route.table)
+        .protocol(RouteProtocol::from(route.protocol))
+        .scope(match route.scope {
+            RouteScope::Universe => KernelScope::Universe,
+            RouteScope::Link => KernelScope::Link,
+            RouteScope::Host => KernelScope::Host,
+        })
+        .kind(match route.kind {
+            RouteKind::Unicast => RouteType::Unicast,
+            RouteKind::Unreachable => RouteType::Unreachable,
+        });
+    if let Some(gateway) = route.gateway {
+        builder = builder.gateway(gateway);
+    }
+    if let Some(interface) = &route.interface {
+        builder = builder.output_interface(interface.index);
+    }
+    if let Some(source) = route.preferred_source {
+        builder = builder.pref_source(source);
+    }
+    if route.metric != 0 {
+        builder = builder.priority(route.metric);
+    }
+    builder.build()
+}
+
+fn route_from_message(message: &RouteMessage, links: &[Link]) -> Option<Route> {
+    if message.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let kind = match message.header.kind {
+        RouteType::Unicast => RouteKind::Unicast,
+        RouteType::Unreachable => RouteKind::Unreachable,
+        _ => return None,
+    };
+    let mut table = u32::from(message.header.table);
+    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let (mut gateway, mut preferred_source, mut ifindex, mut metric) = (None, None, None, 0);
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Table(id) => table = *id,
+            RouteAttribute::Destination(RouteAddress::Inet(address)) => destination = *address,
+            RouteAttribute::Gateway(RouteAddress::Inet(address)) => gateway = Some(*address),
+            RouteAttribute::PrefSource(RouteAddress::Inet(address)) => {
+                preferred_source = Some(*address)
+            }
+            RouteAttribute::Oif(index) => ifindex = Some(*index),
+            RouteAttribute::Priority(value) => metric = *value,
+            // Multipath routes are not the balancer's; leave them out rather than misread them.
+            RouteAttribute::MultiPath(_) => return None,
+            _ => {}
+        }
+    }
+    let interface = ifindex.map(|index| {
+        links
+            .iter()
+            .find(|l| l.interface.index == index)
+            .map(|l| l.interface.clone())
+            .unwrap_or(Interface {
+                index,
+                name: format!("if{index}"),
+            })
+    });
+    Some(Route {
+        table,
+        destination: Ipv4Net::new(destination, message.header.destination_prefix_length).ok()?,
+        metric,
+        kind,
+        gateway,
+        interface,
+        preferred_source,
+        scope: match message.header.scope {
+            KernelScope::Link => RouteScope::Link,
+            KernelScope::Host => RouteScope::Host,
+            _ => RouteScope::Universe,
+        },
+        protocol: u8::from(message.header.protocol),
+    })
+}
+
+fn rule_to_message(rule: &Rule) -> RuleMessage {
+    let mut message = RuleMessage::default();
+    message.header.family = AddressFamily::Inet;
+    message.header.action = RuleAction::ToTable;
+    if rule.lookup.table <= 255 {
+        message.header.table = rule.lookup.table as u8;
+    } else {
+        message.header.table = 0;
+        message
+            .attributes
+            .push(RuleAttribute::Table(rule.lookup.table));
+    }
+    message
+        .attributes
+        .push(RuleAttribute::Priority(rule.priority));
+    if let Some(from) = rule.from {
+        message.header.src_len = from.prefix_len();
+        message
+            .attributes
+            .push(RuleAttribute::Source(IpAddr::V4(from.addr())));
+    }
+    if let Some(to) = rule.to {
+        message.header.dst_len = to.prefix_len();
+        message
+            .attributes
+            .push(RuleAttribute::Destination(IpAddr::V4(to.addr())));
+    }
+    if let Some((mark, mask)) = rule.fwmark {
+        message.attributes.push(RuleAttribute::FwMark(mark));
+        message.attributes.push(RuleAttribute::FwMask(mask));
+    }
+    if let Some(length) = rule.lookup.suppress_prefix_length {
+        message
+            .attributes
+            .push(RuleAttribute::SuppressPrefixLen(length));
+    }
+    message
+        .attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::from(rule.protocol)));
+    message
+}
+
+fn rule_protocol(message: &RuleMessage) -> Option<u8> {
+    message.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Protocol(protocol) => Some(u8::from(*protocol)),
+        _ => None,
+    })
+}
+
+fn rule_priority(message: &RuleMessage) -> u32 {
+    message
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Priority(priority) => Some(*priority),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn rule_from_message(message: &RuleMessage) -> Option<Rule> {
+    if message.header.family != AddressFamily::Inet || message.header.action != RuleAction::ToTable
+    {
+        return None;
+    }
+    let mut table = u32::from(message.header.table);
+    let (mut priority, mut from, mut to, mut mark, mut mask, mut suppress) =
+        (0, None, None, None, None, None);
+    for attribute in &message.attributes {
+        match attribute {
+            RuleAttribute::Table(id) => table = *id,
+            RuleAttribute::Priority(value) => priority = *value,
+            RuleAttribute::Source(IpAddr::V4(address)) => {
+                from = Ipv4Net::new(*address, message.header.src_len).ok()
+            }
+            RuleAttribute::Destination(IpAddr::V4(address)) => {
+                to = Ipv4Net::new(*address, message.header.dst_len).ok()
+            }
+            RuleAttribute::FwMark(value) => mark = Some(*value),
+            RuleAttribute::FwMask(value) => mask = Some(*value),
+            // The kernel reports "unset" as -1.
+            RuleAttribute::SuppressPrefixLen(value) if *value != u32::MAX => {
+                suppress = Some(*value)
+            }
+            // Selectors the balancer never writes: such a rule is not one of its shapes.
+            RuleAttribute::Iifname(_) | RuleAttribute::Oifname(_) | RuleAttribute::UidRange(_) => {
+                return None;
+            }
+            _ => {}
+        }
+    }
+    // A mark with no mask attribute matches all bits.
+    let fwmark = mark
+        .filter(|&m| m != 0 || mask.is_some())
+        .map(|m| (m, mask.unwrap_or(u32::MAX)));
+    Some(Rule {
+        priority,
+        from,
+        to,
+        fwmark,
+        lookup: Lookup {
+            table,
+            suppress_prefix_length: suppress,
+        },
+        protocol: rule_protocol(message).unwrap_or(0),
+    })
+}

@@ -1,0 +1,520 @@
+//! The pure heart of the control plane: from a [`Config`] and the observed kernel state it works
+//! out the desired routes, rules and settings, and the list of [`Operation`]s that gets the
+//! kernel there. Nothing here touches the kernel, so every decision is unit-tested.
+//!
+//! Per uplink it builds one table: the default route via the uplink's gateway, the uplink's
+//! connected subnet, the LAN routes copied from the main table, and a final `unreachable default`
+//! so a lookup never falls through to another uplink. Rules send LAN destinations to the main
+//! table first, then `from <source>` and `fwmark` traffic to the uplink's table, and the
+//! gateway's own unbound traffic to a table of its own.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+
+use crate::{
+    config::{Config, ConfigError},
+    netlink::{Address, Link},
+    ownership,
+    routing::{Interface, Lookup, Route, RouteKind, RouteScope, Rule, SysctlKey},
+};
+
+const MAIN_TABLE: u32 = 254;
+
+/// What the kernel holds now, as far as the plan cares.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub links: Vec<Link>,
+    pub addresses: Vec<Address>,
+    pub routes: Vec<Route>,
+    pub rules: Vec<Rule>,
+    /// Current values of the settings in [`desired_sysctls`].
+    pub sysctls: BTreeMap<SysctlKey, String>,
+    /// The gateway's `ip_local_port_range`, which the NAT port range must stay out of.
+    pub local_port_range: Option<(u16, u16)>,
+    /// Uplinks the health probes judge down (empty when every uplink is: then those with
+    /// carrier keep working rather than the office losing everything).
+    pub down: Vec<u32>,
+}
+
+impl Observed {
+    fn interface(&self, name: &str) -> Option<&Interface> {
+        self.links
+            .iter()
+            .map(|l| &l.interface)
+            .find(|i| i.name == name)
+    }
+}
+
+/// The state the balancer wants in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub routes: Vec<Route>,
+    pub rules: Vec<Rule>,
+    pub sysctls: Vec<(SysctlKey, String)>,
+    /// Uplinks the kernel cannot carry now, by name, with the reason.
+    pub unavailable: Vec<(String, String)>,
+}
+
+/// One change to the kernel. Each prints as the command an administrator would type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    SetSysctl {
+        key: SysctlKey,
+        from: String,
+        to: String,
+    },
+    AddRoute(Route),
+    ReplaceRoute {
+        old: Route,
+        new: Route,
+    },
+    AddRule(Rule),
+    DeleteRule(Rule),
+    DeleteRoute(Route),
+    FlushNeighbours(Interface),
+}
+
+impl Operation {
+    /// The operation that undoes this one, used to roll back a failed apply.
+    pub fn inverse(&self) -> Option<Operation> {
+        Some(match self {
+            Operation::SetSysctl { key, from, to } => Operation::SetSysctl {
+                key: key.clone(),
+                from: to.clone(),
+                to: from.clone(),
+            },
+            Operation::AddRoute(route) => Operation::DeleteRoute(route.clone()),
+            Operation::DeleteRoute(route) => Operation::AddRoute(route.clone()),
+            Operation::ReplaceRoute { old, new } => Operation::ReplaceRoute {
+                old: new.clone(),
+                new: old.clone(),
+            },
+            Operation::AddRule(rule) => Operation::DeleteRule(rule.clone()),
+            Operation::DeleteRule(rule) => Operation::AddRule(rule.clone()),
+            Operation::FlushNeighbours(_) => return None,
+        })
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Operation::SetSysctl { key, from, to } => {
+                write!(f, "sysctl -w {key}={to}    # was {from}")
+            }
+            Operation::AddRoute(route) => write!(f, "ip route add {route}"),
+            Operation::ReplaceRoute { new, .. } => write!(f, "ip route replace {new}"),
+            Operation::DeleteRoute(route) => write!(f, "ip route del {route}"),
+            Operation::AddRule(rule) => write!(f, "ip rule add {rule}"),
+            Operation::DeleteRule(rule) => write!(f, "ip rule del {rule}"),
+            Operation::FlushNeighbours(interface) => {
+                write!(f, "ip neigh flush dev {}", interface.name)
+            }
+        }
+    }
+}
+
+/// The settings the balancer manages, with the values it wants.
+///
+/// `arp_filter` answers ARP on an uplink only for addresses routed out of it (no ARP flux when
+/// two uplinks share a subnet); `arp_announce=2` makes ARP requests carry the outgoing
+/// interface's own address; `src_valid_mark` lets reverse-path filtering see the mark the data
+/// plane puts on replies, so strict rp_filter keeps working. rp_filter itself is never touched.
+pub fn desired_sysctls(config: &Config) -> Vec<(SysctlKey, String)> {
+    let mut settings = vec![(SysctlKey::global("net/ipv4/ip_forward"), "1".to_string())];
+    for uplink in &config.uplinks {
+        for (setting, value) in [
+            ("arp_filter", "1"),
+            ("arp_announce", "2"),
+            ("src_valid_mark", "1"),
+        ] {
+            settings.push((
+                SysctlKey::ipv4_conf(&uplink.interface, setting),
+                value.to_string(),
+            ));
+        }
+    }
+    settings
+}
+
+/// How strictly `desired` treats an uplink the kernel cannot use right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    /// `check`, `plan` and the daemon's first apply: a missing interface, a source that is not on
+    /// its interface or a gateway outside its subnet is a config error, and nothing is applied.
+    Strict,
+    /// The running daemon: an uplink whose interface vanished or lost its address is only
+    /// unavailable, so the other uplinks keep being maintained.
+    Tolerant,
+}
+
+/// Whether the kernel can carry an uplink's routes now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Readiness {
+    Ready {
+        interface: Interface,
+        subnet: Ipv4Net,
+        carrier: bool,
+    },
+    /// Its table keeps only the terminal route, so its traffic is refused rather than leaking
+    /// out of another uplink.
+    Unavailable { reason: String },
+}
+
+fn readiness(
+    config: &Config,
+    observed: &Observed,
+    position: usize,
+    strictness: Strictness,
+) -> Result<Readiness, ConfigError> {
+    let uplink = &config.uplinks[position];
+    let problem = |field: &str, message: String| match strictness {
+        Strictness::Strict => Err(config.error(&format!("uplink[{position}].{field}"), message)),
+        Strictness::Tolerant => Ok(Readiness::Unavailable { reason: message }),
+    };
+    let Some(link) = observed
+        .links
+        .iter()
+        .find(|l| l.interface.name == uplink.interface)
+    else {
+        return problem(
+            "interface",
+            format!("there is no interface {}", uplink.interface),
+        );
+    };
+    let on_interface: Vec<&Address> = observed
+        .addresses
+        .iter()
+        .filter(|a| a.ifindex == link.interface.index)
+        .collect();
+    let Some(address) = on_interface
+        .iter()
+        .find(|a| a.network.addr() == uplink.source)
+    else {
+        let present: Vec<String> = on_interface.iter().map(|a| a.network.to_string()).collect();
+        let present = if present.is_empty() {
+            "none".to_string()
+        } else {
+            present.join(", ")
+        };
+        return problem(
+            "source",
+            format!(
+                "{} is not an address of {} (it has {present})",
+                uplink.source, uplink.interface
+            ),
+        );
+    };
+    let subnet = address.network.trunc();
+    if !subnet.contains(&uplink.gateway)
+        || uplink.gateway == subnet.network()
+        || uplink.gateway == subnet.broadcast()
+    {
+        return problem(
+            "gateway",
+            format!(
+                "{} is not a host in {}'s subnet {subnet}",
+                uplink.gateway, uplink.interface
+            ),
+        );
+    }
+    // The kernel removes the routes of an interface that is set down and refuses new ones, so
+    // such an uplink waits (also at start: a modem may come up after the gateway).
+    if !link.up {
+        return Ok(Readiness::Unavailable {
+            reason: format!("{} is down", uplink.interface),
+        });
+    }
+    Ok(Readiness::Ready {
+        interface: link.interface.clone(),
+        subnet,
+        carrier: link.carrier,
+    })
+}
+
+/// Works out the desired state, checking the config against the live interfaces and addresses.
+pub fn desired(
+    config: &Config,
+    observed: &Observed,
+    strictness: Strictness,
+) -> Result<Desired, ConfigError> {
+    for (index, name) in config.lan.interfaces.iter().enumerate() {
+        if observed.interface(name).is_none() && strictness == Strictness::Strict {
+            return Err(config.error(
+                &format!("lan.interfaces[{index}]"),
+                format!("there is no interface {name}"),
+            ));
+        }
+    }
+    if strictness == Strictness::Strict
+        && config.dataplane.enabled
+        && let Some((low, high)) = observed.local_port_range
+    {
+        let (min, max) = (config.dataplane.nat_port_min, config.dataplane.nat_port_max);
+        if min <= high && low <= max {
+            return Err(config.error(
+                "dataplane.nat_port_min",
+                format!(
+                    "the NAT ports {min}-{max} overlap the gateway's ip_local_port_range {low}-{high}; \
+                     its own sockets would be shadowed: move one of the ranges"
+                ),
+            ));
+        }
+    }
+    let readiness: Vec<Readiness> = (0..config.uplinks.len())
+        .map(|position| readiness(config, observed, position, strictness))
+        .collect::<Result<_, _>>()?;
+    let lan_routes: Vec<&Route> = observed
+        .routes
+        .iter()
+        .filter(|r| r.table == MAIN_TABLE && r.kind == RouteKind::Unicast)
+        .filter(|r| {
+            config
+                .lan
+                .networks
+                .iter()
+                .any(|n| n.contains(&r.destination))
+        })
+        .collect();
+
+    let mut routes = Vec::new();
+    let mut rules = Vec::new();
+    let mut unavailable = Vec::new();
+    for (index, network) in config.lan.networks.iter().enumerate() {
+        rules.push(owned_rule(
+            ownership::PRIORITY_LAN + index as u32,
+            None,
+            Some(*network),
+            None,
+            MAIN_TABLE,
+        ));
+    }
+    for (uplink, readiness) in config.uplinks.iter().zip(&readiness) {
+        let table = uplink.table;
+        match readiness {
+            Readiness::Ready {
+                interface, subnet, ..
+            } => {
+                routes.push(uplink_route(
+                    uplink,
+                    table,
+                    interface,
+                    Ipv4Net::default(),
+                    Some(uplink.gateway),
+                ));
+                routes.push(uplink_route(uplink, table, interface, *subnet, None));
+                for lan_route in &lan_routes {
+                    routes.push(Route {
+                        table,
+                        protocol: ownership::PROTOCOL,
+                        ..(*lan_route).clone()
+                    });
+                }
+            }
+            Readiness::Unavailable { reason } => {
+                unavailable.push((uplink.name.clone(), reason.clone()))
+            }
+        }
+        routes.push(Route {
+            table,
+            destination: Ipv4Net::default(),
+            metric: ownership::TERMINAL_METRIC,
+            kind: RouteKind::Unreachable,
+            gateway: None,
+            interface: None,
+            preferred_source: None,
+            scope: RouteScope::Universe,
+            protocol: ownership::PROTOCOL,
+        });
+        rules.push(owned_rule(
+            ownership::PRIORITY_FROM_SOURCE + uplink.id,
+            Some(Ipv4Net::from(uplink.source)),
+            None,
+            None,
+            table,
+        ));
+        rules.push(owned_rule(
+            ownership::PRIORITY_FWMARK + uplink.id,
+            None,
+            None,
+            Some((uplink.mark, ownership::MARK_MASK)),
+            table,
+        ));
+    }
+
+    // The gateway's own unbound traffic: the heaviest uplink that has carrier and passes its
+    // health probes, else the heaviest with carrier, else the heaviest usable one.
+    let usable = |wants_carrier: bool, wants_health: bool| {
+        config
+            .uplinks
+            .iter()
+            .zip(&readiness)
+            .filter_map(|(uplink, readiness)| match readiness {
+                Readiness::Ready {
+                    interface, carrier, ..
+                } if (*carrier || !wants_carrier)
+                    && (!wants_health || !observed.down.contains(&uplink.id)) =>
+                {
+                    Some((uplink, interface))
+                }
+                _ => None,
+            })
+            .max_by(|(a, _), (b, _)| a.weight.cmp(&b.weight).then(b.id.cmp(&a.id)))
+    };
+    if let Some((uplink, interface)) = usable(true, true)
+        .or_else(|| usable(true, false))
+        .or_else(|| usable(false, false))
+    {
+        routes.push(uplink_route(
+            uplink,
+            ownership::LOCAL_EGRESS_TABLE,
+            interface,
+            Ipv4Net::default(),
+            Some(uplink.gateway),
+        ));
+    }
+    let mut main_specific = owned_rule(
+        ownership::PRIORITY_MAIN_SPECIFIC,
+        None,
+        None,
+        None,
+        MAIN_TABLE,
+    );
+    main_specific.lookup.suppress_prefix_length = Some(0);
+    rules.push(main_specific);
+    rules.push(owned_rule(
+        ownership::PRIORITY_LOCAL_EGRESS,
+        None,
+        None,
+        None,
+        ownership::LOCAL_EGRESS_TABLE,
+    ));
+
+    Ok(Desired {
+        routes,
+        rules,
+        sysctls: desired_sysctls(config),
+        unavailable,
+    })
+}
+
+fn uplink_route(
+    uplink: &crate::config::Uplink,
+    table: u32,
+    interface: &Interface,
+    destination: Ipv4Net,
+    gateway: Option<Ipv4Addr>,
+) -> Route {
+    Route {
+        table,
+        destination,
+        metric: 0,
+        kind: RouteKind::Unicast,
+        gateway,
+        interface: Some(interface.clone()),
+        preferred_source: Some(uplink.source),
+        scope: if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        },
+        protocol: ownership::PROTOCOL,
+    }
+}
+
+fn owned_rule(
+    priority: u32,
+    from: Option<Ipv4Net>,
+    to: Option<Ipv4Net>,
+    fwmark: Option<(u32, u32)>,
+    table: u32,
+) -> Rule {
+    Rule {
+        priority,
+        from,
+        to,
+        fwmark,
+        lookup: Lookup {
+            table,
+            suppress_prefix_length: None,
+        },
+        protocol: ownership::PROTOCOL,
+    }
+}
+
+/// The operations that take the kernel from `observed` to `desired`, in a safe order: settings
+/// first (ARP behaviour before any route uses an uplink), then routes so no rule ever points at
+/// an empty table, then rules, then removal of what the balancer owns but no longer wants, and
+/// last the neighbour flush on uplinks whose ARP settings changed.
+pub fn diff(desired: &Desired, observed: &Observed) -> Vec<Operation> {
+    let mut operations = Vec::new();
+    let mut arp_changed: Vec<String> = Vec::new();
+    for (key, value) in &desired.sysctls {
+        let current = observed.sysctls.get(key).cloned().unwrap_or_default();
+        if &current != value {
+            if key.0.ends_with("/arp_filter") || key.0.ends_with("/arp_announce") {
+                arp_changed.extend(key.0.split('/').nth(3).map(str::to_string));
+            }
+            operations.push(Operation::SetSysctl {
+                key: key.clone(),
+                from: current,
+                to: value.clone(),
+            });
+        }
+    }
+
+    let owned = |route: &&Route| ownership::owns_route(route.protocol, route.table);
+    for route in &desired.routes {
+        if observed.routes.iter().filter(owned).any(|r| r == route) {
+            continue;
+        }
+        match observed.routes.iter().find(|r| r.key() == route.key()) {
+            Some(old) => operations.push(Operation::ReplaceRoute {
+                old: old.clone(),
+                new: route.clone(),
+            }),
+            None => operations.push(Operation::AddRoute(route.clone())),
+        }
+    }
+    for rule in &desired.rules {
+        if !observed.rules.contains(rule) {
+            operations.push(Operation::AddRule(rule.clone()));
+        }
+    }
+    for rule in observed
+        .rules
+        .iter()
+        .filter(|r| ownership::owns_rule(r.protocol, r.priority))
+    {
+        if !desired.rules.contains(rule) {
+            operations.push(Operation::DeleteRule(rule.clone()));
+        }
+    }
+    for route in observed.routes.iter().filter(owned) {
+        if !desired.routes.iter().any(|r| r.key() == route.key()) {
+            operations.push(Operation::DeleteRoute(route.clone()));
+        }
+    }
+    arp_changed.sort();
+    arp_changed.dedup();
+    for name in arp_changed {
+        if let Some(interface) = observed.interface(&name) {
+            operations.push(Operation::FlushNeighbours(interface.clone()));
+        }
+    }
+    operations
+}
+
+/// Desired state and the operations to reach it, in one step.
+pub fn plan(
+    config: &Config,
+    observed: &Observed,
+    strictness: Strictness,
+) -> Result<Vec<Operation>, ConfigError> {
+    Ok(diff(&desired(config, observed, strictness)?, observed))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
