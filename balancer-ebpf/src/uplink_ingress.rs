@@ -92,7 +92,14 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
         bump_uplink(u32::from(entry.uplink_id), UPLINK_TCP_ANSWERED, 1);
     }
     if protocol == PROTOCOL_TCP {
-        entry.remote_seq_next = packet.seq.wrapping_add(packet.seq_len);
+        // Only forward: a retransmission (of a segment the shaper ahead of us dropped) must not
+        // pull it back below what the client already holds. The reset sent when this uplink
+        // dies uses it, and Linux accepts an RST only at RCV.NXT or at the right edge of its
+        // SACK blocks, which is the highest sequence seen here.
+        let seq_next = packet.seq.wrapping_add(packet.seq_len);
+        if !was_answered || (seq_next.wrapping_sub(entry.remote_seq_next) as i32) > 0 {
+            entry.remote_seq_next = seq_next;
+        }
     }
     let mark = entry.mark;
     fragments::remember(&packet.ip, key.client_addr, mark, entry.uplink_id);

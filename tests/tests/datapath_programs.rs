@@ -235,6 +235,33 @@ fn tcp_state_and_stale_flows() -> anyhow::Result<()> {
     let entry = dp.flow(&key)?.ok_or_else(|| anyhow::anyhow!("no flow"))?;
     // SYN-ACK seq 0x1000_0000, payload 19 bytes, +1 for the SYN.
     assert_eq!(entry.remote_seq_next, 0x1000_0000 + 19 + 1);
+    // Data moves it forward; a retransmission of older data does not move it back.
+    let translated = Ipv4Addr::from(entry.uplink_addr.to_ne_bytes());
+    let nat_port = u16::from_be(entry.nat_port);
+    let data_at = |seq: u32| {
+        let mut data = Packet::tcp((SERVER, 443), (translated, nat_port), TCP_ACK);
+        data.l4 = match data.l4 {
+            L4::Tcp {
+                src_port,
+                dst_port,
+                flags,
+                ..
+            } => L4::Tcp {
+                src_port,
+                dst_port,
+                seq,
+                flags,
+            },
+            other => other,
+        };
+        data.payload = vec![1; 100];
+        data.bytes()
+    };
+    dp.run(INGRESS, &data_at(0x1000_0014), 0)?;
+    dp.run(INGRESS, &data_at(0x1000_0078), 0)?;
+    dp.run(INGRESS, &data_at(0x1000_0014), 0)?;
+    let entry = dp.flow(&key)?.ok_or_else(|| anyhow::anyhow!("no flow"))?;
+    assert_eq!(entry.remote_seq_next, 0x1000_0078 + 100);
     let mut fin = Packet::tcp((CLIENT, 40_000), (SERVER, 443), TCP_FIN | TCP_ACK);
     fin.payload = vec![7; 10];
     let run = dp.run(LAN, &fin.bytes(), 0)?;
