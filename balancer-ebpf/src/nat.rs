@@ -22,6 +22,7 @@ use balancer_common::{
 use crate::{
     headers::{
         ETH_HDR_LEN, ICMP_CHECK_OFF, ICMP_ID_OFF, IP_CHECK_FIELD, TCP_CHECK_OFF, UDP_CHECK_OFF,
+        ptr_at,
     },
     parse::Packet,
 };
@@ -74,9 +75,28 @@ pub fn store_ip_addr(
     bytes[..2].copy_from_slice(&check.to_ne_bytes());
     bytes[2..6].copy_from_slice(&src.to_ne_bytes());
     bytes[6..].copy_from_slice(&dst.to_ne_bytes());
-    ctx.store(ip_off + IP_CHECK_FIELD, &bytes, 0)
-        .map_err(|_| DROP_REWRITE_FAILED)?;
+    write_at(ctx, ip_off + IP_CHECK_FIELD, bytes)?;
     Ok(check)
+}
+
+/// Writes `value` at `offset` into the packet. Headers in the linear part (all the parser
+/// pulled in, so every header of an ordinary packet) are written through a direct pointer:
+/// the verifier's prologue for programs that write packet data unclones a shared skb first,
+/// so this is what `bpf_skb_store_bytes` does, minus a helper call. Anything beyond (deep in
+/// an ICMP error with options) goes through the helper.
+#[inline(always)]
+pub fn write_at<T>(ctx: &TcContext, offset: usize, value: T) -> Result<(), u32> {
+    match ptr_at::<T>(ctx, offset) {
+        Some(target) => {
+            // SAFETY: `ptr_at` checked that the whole `T` lies inside the packet; packet data
+            // has no alignment guarantee, hence the unaligned write.
+            unsafe { (target as *mut T).write_unaligned(value) };
+            Ok(())
+        }
+        None => ctx
+            .store(offset, &value, 0)
+            .map_err(|_| DROP_REWRITE_FAILED),
+    }
 }
 
 /// Rewrites `side` of `packet` to `addr`:`port` (both network order; `port` is the echo id for
@@ -118,8 +138,7 @@ pub fn rewrite(
         }
     }
     if port != old_port {
-        ctx.store(port_off, &port, 0)
-            .map_err(|_| DROP_REWRITE_FAILED)?;
+        write_at(ctx, port_off, port)?;
         ctx.l4_csum_replace(
             check_off,
             u64::from(old_port),

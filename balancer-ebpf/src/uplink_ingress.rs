@@ -25,17 +25,32 @@ use crate::{
 
 #[inline(always)]
 pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
-    // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is a plain u32, copied out at once.
-    if let Some(&id) = unsafe { UPLINK_BY_IFINDEX.get(ifindex) } {
+    let result = translate(ctx);
+    // A reply of a flow is counted on the flow's uplink, which is the interface it arrived on:
+    // that saves the hot path a hash lookup. Everything else finds its uplink by interface.
+    let id = match result {
+        Ok(Some(id)) => Some(u32::from(id)),
+        _ => {
+            // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            // SAFETY: the value is a plain u32, copied out at once.
+            unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied()
+        }
+    };
+    if let Some(id) = id {
         bump_uplink(id, UPLINK_RX_PACKETS, 1);
         bump_uplink(id, UPLINK_RX_BYTES, u64::from(ctx.len()));
     }
+    result.map(|_| ())
+}
 
+/// Reverse-translates the packet if it belongs to a flow; `Ok(Some(uplink id))` for a reply
+/// of a flow, `Ok(None)` for the other packets it translated.
+#[inline(always)]
+fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
     let ip = parse_ipv4(ctx)?;
     if ip.later_fragment {
-        return fragments::translate(ctx, &ip, Side::Destination, 0);
+        return fragments::translate(ctx, &ip, Side::Destination, 0).map(|()| None);
     }
     let packet = parse_l4(ctx, ip)?;
     let protocol = packet.ip.protocol;
@@ -50,7 +65,7 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
             key.client_port,
         )?;
         set_mark(ctx, mark);
-        return Ok(());
+        return Ok(None);
     }
     if protocol == PROTOCOL_ICMP && packet.icmp_type != ICMP_ECHO_REPLY {
         return Err(PASS_ICMP_OTHER);
@@ -102,6 +117,7 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
         }
     }
     let mark = entry.mark;
+    let id = entry.uplink_id;
     fragments::remember(&packet.ip, key.client_addr, mark, entry.uplink_id);
     rewrite(
         ctx,
@@ -111,5 +127,5 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
         key.client_port,
     )?;
     set_mark(ctx, mark);
-    Ok(())
+    Ok(Some(id))
 }

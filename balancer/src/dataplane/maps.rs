@@ -16,7 +16,7 @@ use aya::{
 use balancer_common::{
     flow::{FlowEntry, FlowKey, ReverseKey},
     maps as names,
-    uplink::{ScheduleLength, Settings, UPLINK_SLOTS, UplinkInfo},
+    uplink::{DESTINATION_PASS, ScheduleLength, Settings, UPLINK_SLOTS, UplinkInfo},
 };
 use ipnet::Ipv4Net;
 
@@ -113,7 +113,66 @@ impl Dataplane {
             trie.insert(&key(net), action, 0)
                 .map_err(write_error(names::DESTINATIONS))?;
         }
+        let removed = self.remove_flows_against(destinations)?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed flows to destinations that are no longer balanced"
+            );
+        }
         Ok(())
+    }
+
+    /// Removes the flows that contradict `destinations`: to a destination now passed, or forced
+    /// onto another uplink. The programs consult `DESTINATIONS` only for packets without a
+    /// live flow, so a flow created before its destination's entry would otherwise go on.
+    fn remove_flows_against(
+        &mut self,
+        destinations: &[(Ipv4Net, u32)],
+    ) -> Result<usize, DataplaneError> {
+        let verdict = |addr: Ipv4Addr| {
+            destinations
+                .iter()
+                .filter(|(net, _)| net.contains(&addr))
+                .max_by_key(|(net, _)| net.prefix_len())
+                .map(|(_, action)| *action)
+        };
+        let contradicting: Vec<(FlowKey, FlowEntry)> = {
+            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
+            flows
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(key, entry)| {
+                    let remote = Ipv4Addr::from(key.remote_addr.to_ne_bytes());
+                    match verdict(remote) {
+                        Some(DESTINATION_PASS) => true,
+                        Some(id) => id != u32::from(entry.uplink_id),
+                        None => false,
+                    }
+                })
+                .collect()
+        };
+        let mut removed = 0;
+        for (key, entry) in &contradicting {
+            if self.remove_flow(key, entry)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes flow `key` and its reverse half; the latter only while it still belongs to this
+    /// flow, since the programs may have handed a closed flow's port to a new flow meanwhile.
+    fn remove_flow(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<bool, DataplaneError> {
+        let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+        let removed = flows.remove(key).is_ok();
+        let mut reverse: HashMap<_, ReverseKey, FlowKey> =
+            typed(&mut self.ebpf, names::NAT_REVERSE)?;
+        let half = reverse_key(key, entry);
+        if reverse.get(&half, 0).is_ok_and(|owner| owner == *key) {
+            let _ = reverse.remove(&half);
+        }
+        Ok(removed)
     }
 
     /// Fills the slots first and publishes the length last, so a program never reads a slot
@@ -159,20 +218,14 @@ impl Dataplane {
                 .collect()
         };
         for key in candidates {
-            let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
             // The program may have refreshed the flow since the scan: look again right before.
             let Ok(entry) = flows.get(&key, 0) else {
                 continue;
             };
-            if !expired(&key, &entry) {
-                continue;
-            }
-            if flows.remove(&key).is_ok() {
+            if expired(&key, &entry) && self.remove_flow(&key, &entry)? {
                 removed += 1;
             }
-            let mut reverse: HashMap<_, ReverseKey, FlowKey> =
-                typed(&mut self.ebpf, names::NAT_REVERSE)?;
-            let _ = reverse.remove(&reverse_key(&key, &entry));
         }
         let orphans: HashSet<ReverseKey> = {
             let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
