@@ -4,9 +4,8 @@
 //! the balancer library (whose build needs the eBPF toolchain that `setup` installs).
 //!
 //! `repeat` rewrites one buffer in place, so each measurement makes every pass take the path it
-//! names: a 1 ns UDP timeout for new flows, mirror entries for the translations (as the
-//! `per_packet_costs` test does), and a check afterwards that no pass was counted as "passed
-//! untouched".
+//! names: mirror entries for the translations (as the `per_packet_costs` test does), and a check
+//! afterwards that no pass was counted as "passed untouched". New flows are single passes.
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 

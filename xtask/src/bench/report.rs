@@ -402,12 +402,14 @@ impl Results {
         s.push_str("## The programs' own cost\n\n");
         s.push_str(
             "BPF_PROG_TEST_RUN on crafted frames with `repeat` (the kernel's average per pass), measured once per \
-             round. Each measurement makes every pass take its path (a 1 ns UDP timeout for new flows; mirror flow \
-             and reverse entries so the in-place rewrite is undone on the next pass) and checks no pass was \
-             counted as passed untouched. Interference only adds time, so the minimum is the closest to the \
-             uncontended cost: on the shared VM below, the same object measured about 1.5 times more while other \
-             work ran (e.g. uplink_ingress 131 ns quiet, 191 ns busy). `cargo xtask bench --costs-only` measures \
-             just this table in seconds.\n\n",
+             round. Each established-flow measurement makes every pass take its path (mirror flow and reverse \
+             entries so the in-place rewrite is undone on the next pass) and checks no pass was counted as passed \
+             untouched. New flows cannot repeat that way (the programs read the coarse clock, which stands still \
+             within one run, so a flow cannot be made to expire on every pass): that row is the median of single \
+             passes, each creating a flow, and includes the kernel's timer reads, which the floor row measures \
+             alone. Interference only adds time, so the minimum is the closest to the uncontended cost: on shared \
+             VMs of this kind the same object measured 1.5 to 2 times more from one minute to the next. `cargo \
+             xtask bench --costs-only` measures just this table in seconds.\n\n",
         );
         s.push_str(&self.costs_table());
         s.push_str("\n## Reading the numbers\n\n");
