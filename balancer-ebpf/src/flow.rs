@@ -7,7 +7,10 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
 };
 use balancer_common::{
-    flow::{FLOW_FLAG_FORCED, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseKey},
+    flow::{
+        FLOW_FLAG_CLIENT_FIN, FLOW_FLAG_FORCED, FLOW_FLAG_REMOTE_FIN, FLOW_STATE_CLOSED,
+        FLOW_STATE_CLOSING, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseKey,
+    },
     policy::{flow_expired, nat_port_range},
     stats::{
         DROP_NAT_EXHAUSTED, PASS_NO_UPLINK, UPLINK_NAT_EXHAUSTED, UPLINK_NEW_FLOWS,
@@ -19,8 +22,15 @@ use balancer_common::{
 use crate::maps::{FLOWS, NAT_REVERSE, UPLINKS, bump_uplink};
 
 /// Translated ports tried per new flow before giving up: bounded for the verifier and for
-/// latency; 32 consecutive taken ports means the range is nearly full anyway.
+/// latency; 32 random ports all taken means the range is nearly full anyway.
 const PORT_PROBES: u32 = 32;
+/// Probes that look for a free port only. After them the range is crowded, and later probes
+/// may also take the port of a TCP flow that is over (see `release_if_over`).
+const FREE_PORT_PROBES: u32 = 8;
+/// How long a TCP flow that is over must have been quiet before its port can be taken: the
+/// last ACK of the close takes a round trip, and a FIN whose ACK was lost comes again after
+/// the sender's retransmission timeout (at least 200 ms on Linux).
+const CLOSED_PORT_GRACE_NS: u64 = 500_000_000;
 
 /// What `FLOWS` holds for a key.
 pub enum Found {
@@ -105,7 +115,7 @@ pub fn create(
     };
     let mut reverse = reverse_key(key, uplink.source_addr, 0);
     let mut reserved = false;
-    for _ in 0..PORT_PROBES {
+    for probe in 0..PORT_PROBES {
         reverse.nat_port = ((u32::from(min) + offset) as u16).to_be();
         if NAT_REVERSE
             .insert(&reverse, key, u64::from(BPF_NOEXIST))
@@ -114,10 +124,19 @@ pub fn create(
             reserved = true;
             break;
         }
-        offset += 1;
-        if offset >= span {
-            offset = 0;
+        if probe >= FREE_PORT_PROBES
+            && release_if_over(&reverse, now_ns)
+            && NAT_REVERSE
+                .insert(&reverse, key, u64::from(BPF_NOEXIST))
+                .is_ok()
+        {
+            reserved = true;
+            break;
         }
+        // Random rather than the next port: taken ports do not cluster, so a crowded range
+        // costs a few probes, not a walk along a run of taken ones.
+        // SAFETY: a plain helper call without arguments.
+        offset = unsafe { bpf_get_prandom_u32() } % span;
     }
     if !reserved {
         bump_uplink(id, UPLINK_NAT_EXHAUSTED, 1);
@@ -159,4 +178,44 @@ pub fn create(
         bump_uplink(id, UPLINK_TCP_NEW_FLOWS, 1);
     }
     Ok(entry.mark)
+}
+
+/// Frees the translated port `reverse` holds if it belongs to a TCP flow that is over (reset,
+/// or closed by both ends) and quiet for `CLOSED_PORT_GRACE_NS`; returns whether the port may
+/// be tried again. Such a flow would otherwise keep its port for the whole closing timeout
+/// (60 s), which caps sustained new connections to one server at about 75 per second per
+/// uplink. Both halves go: a late packet of the old connection then finds no flow and is not
+/// translated onto the new one. The remote may still hold the old connection in TIME_WAIT;
+/// Linux accepts a new SYN there when its sequence number or timestamp is newer, and
+/// otherwise the client's SYN retransmission gets through, which still beats a dropped SYN.
+#[inline(always)]
+fn release_if_over(reverse: &ReverseKey, now_ns: u64) -> bool {
+    if reverse.protocol != PROTOCOL_TCP {
+        return false;
+    }
+    let Some(owner) = NAT_REVERSE.get_ptr(reverse) else {
+        // Freed since the insert failed.
+        return true;
+    };
+    // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
+    let owner = unsafe { *owner };
+    // No flow: being created by another CPU right now, or an orphan the sweeper removes.
+    let Some(entry) = FLOWS.get_ptr(&owner) else {
+        return false;
+    };
+    // SAFETY: as above.
+    let entry = unsafe { *entry };
+    let both_fins = FLOW_FLAG_CLIENT_FIN | FLOW_FLAG_REMOTE_FIN;
+    let over = entry.state == FLOW_STATE_CLOSED
+        || (entry.state == FLOW_STATE_CLOSING && entry.flags & both_fins == both_fins);
+    if !over
+        || entry.nat_port != reverse.nat_port
+        || entry.uplink_addr != reverse.uplink_addr
+        || now_ns.saturating_sub(entry.last_seen_ns) < CLOSED_PORT_GRACE_NS
+    {
+        return false;
+    }
+    let _ = FLOWS.remove(&owner);
+    let _ = NAT_REVERSE.remove(reverse);
+    true
 }

@@ -30,7 +30,7 @@ use balancer_common::{
 use datapath::{
     check::{FOREIGN_MARK, flow_key, reply_to, round_trip},
     harness::{DROP, Datapath, PASS, PROGRAMS, be, uplink_addr},
-    packet::{L4, Packet, TCP_ACK, TCP_FIN, TCP_SYN, icmp_error, verify_checksums, view},
+    packet::{L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, icmp_error, verify_checksums, view},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
@@ -399,6 +399,67 @@ fn nat_port_exhaustion_drops_and_counts() -> anyhow::Result<()> {
     ports.sort_unstable();
     assert_eq!(ports, [61_000, 61_001]);
     assert_eq!(dp.reverse()?.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn a_full_range_takes_the_port_of_a_tcp_flow_that_is_over() -> anyhow::Result<()> {
+    let mut dp = Datapath::load()?;
+    dp.set_weights(&[(1, 1)])?;
+    dp.set_settings(Settings {
+        nat_port_min: 61_000,
+        nat_port_max: 61_001,
+        ..Settings::default()
+    })?;
+    let client = |n: u8| Ipv4Addr::new(10, 0, 0, n);
+    let packet = |n: u8, flags| Packet::tcp((client(n), 40_000), (SERVER, 443), flags).bytes();
+    for n in [5, 6] {
+        assert_eq!(dp.run(LAN, &packet(n, TCP_SYN), 0)?.action, PASS);
+    }
+    // Client 5 resets its connection; client 6 only half-closes its own.
+    assert_eq!(dp.run(LAN, &packet(5, TCP_RST | TCP_ACK), 0)?.mark, 1 << 24);
+    assert_eq!(dp.run(LAN, &packet(6, TCP_FIN | TCP_ACK), 0)?.mark, 1 << 24);
+    let port_of = |dp: &Datapath, n: u8| -> anyhow::Result<Option<u16>> {
+        Ok(dp
+            .flows()?
+            .iter()
+            .find(|(key, _)| key.client_addr == be(client(n)))
+            .map(|(_, entry)| u16::from_be(entry.nat_port)))
+    };
+    let reset_port = port_of(&dp, 5)?.ok_or_else(|| anyhow::anyhow!("no flow 5"))?;
+
+    // Right after the reset the port is still held (late packets of the old connection).
+    assert_eq!(dp.run(LAN, &packet(7, TCP_SYN), 0)?.action, DROP);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(dp.run(LAN, &packet(7, TCP_SYN), 0)?.action, PASS);
+    assert_eq!(port_of(&dp, 7)?, Some(reset_port), "the reset flow's port");
+    assert_eq!(
+        port_of(&dp, 5)?,
+        None,
+        "the reset flow is gone, both halves"
+    );
+    assert!(port_of(&dp, 6)?.is_some());
+    let mut owners: Vec<u32> = dp
+        .reverse()?
+        .iter()
+        .map(|(_, key)| key.client_addr)
+        .collect();
+    owners.sort_unstable();
+    assert_eq!(owners, [be(client(6)), be(client(7))]);
+    // A late packet of the old connection is not translated onto the new one.
+    assert_eq!(dp.run(LAN, &packet(5, TCP_ACK), 0)?.mark, 0);
+    // A half-closed flow keeps its port; closed by both ends, and quiet for the grace, not.
+    assert_eq!(dp.run(LAN, &packet(8, TCP_SYN), 0)?.action, DROP);
+    let half_closed = port_of(&dp, 6)?.ok_or_else(|| anyhow::anyhow!("no flow 6"))?;
+    let remote_fin = Packet::tcp(
+        (SERVER, 443),
+        (uplink_addr(1), half_closed),
+        TCP_FIN | TCP_ACK,
+    );
+    assert_eq!(dp.run(INGRESS, &remote_fin.bytes(), 0)?.mark, 1 << 24);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(dp.run(LAN, &packet(8, TCP_SYN), 0)?.action, PASS);
+    assert_eq!(port_of(&dp, 8)?, Some(half_closed));
     Ok(())
 }
 

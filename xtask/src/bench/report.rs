@@ -417,18 +417,15 @@ impl Results {
             "- TCP over veth runs at tens of Gbit/s with GSO/GRO: the gateway forwards one packet per up to 64 KB, \
              so that row mostly measures copies and scheduling, and per-packet costs hardly show in it. The UDP row \
              (64-byte datagrams, one packet each) is where they show.\n\
-             - The new-connections row sends every connection to one server address and port. Ours holds a NAT \
-             port for 60 s after a close, from 4,536 per uplink and destination (61000-65535), and gives up a new \
-             flow after 32 consecutive taken ports (linear probing from a random start, so taken ports cluster). \
-             The row is sized to stay inside that budget (fresh maps each round, 8,000 connections per round take \
-             59% of the ports), and ours still loses an occasional SYN there (see the SYN row). \
-             Measured by hand outside this page: the same 8,000-connection batch repeated back to back against \
-             ours fell to 120-550 connections per second from the second batch on (`drop_nat_exhausted` 803, 751 \
-             SYNs sent again over six batches), while the nftables peer held 4,000-7,000 per second with none. Sustained new \
-             connections to one destination are ours' weak spot: about 75 per second per uplink by the design's \
-             numbers.\n\
+             - The new-connections row sends every connection to one server address and port, 20,000 per round \
+             by default: more than the 3 x 4,536 NAT ports ours has for one destination (61000-65535 per \
+             uplink). Ours keeps a closed connection's port for the closing timeout (60 s) while the range has \
+             room, and gives it to a new connection once 8 random tries found no free port and the old \
+             connection has been over (reset, or closed by both ends) for 0.5 s. Before that (up to \
+             2026-11-26) a port was held the whole 60 s and sustained new connections to one destination fell \
+             to 120-550 per second with `drop_nat_exhausted`, while nftables held 4,000-7,000.\n\
              - The clients and the internet host keep no TIME_WAIT state (`tcp_max_tw_buckets=0` in their \
-             namespaces): otherwise the 8,000 connections of one round leave the clients' ephemeral ports mostly \
+             namespaces): otherwise the 20,000 connections of one round leave the clients' ephemeral ports mostly \
              in TIME_WAIT for 60 s, every connect() then searches long for a free port (1.3 ms each with 20,000 \
              of them), and each round measures the rounds before it.\n\
              - Noise: the spread columns show it. On a shared 2-vCPU machine the same command gave 3,000 to \
