@@ -27,3 +27,6 @@ pub const FRAGMENT_ENTRIES: u32 = 8192;
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";
 pub const PROGRAM_UPLINK_EGRESS: &str = "uplink_egress";
 pub const PROGRAM_UPLINK_INGRESS: &str = "uplink_ingress";
+/// Reference programs `cargo xtask bench` measures beside ours; never loaded by the daemon.
+pub const PROGRAM_REFERENCE_EMPTY: &str = "reference_empty";
+pub const PROGRAM_REFERENCE_NAIVE_SNAT: &str = "reference_naive_snat";

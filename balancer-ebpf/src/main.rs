@@ -13,6 +13,7 @@ mod maps;
 mod mss;
 mod nat;
 mod parse;
+mod reference;
 mod uplink_egress;
 mod uplink_ingress;
 mod verdict;
@@ -36,6 +37,19 @@ pub fn uplink_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     verdict::action(uplink_ingress::try_uplink_ingress(&ctx))
+}
+
+/// Bench reference: does nothing (`reference`).
+#[classifier]
+pub fn reference_empty(_ctx: TcContext) -> i32 {
+    verdict::PASS
+}
+
+/// Bench reference: source NAT with one helper per field (`reference`).
+#[classifier]
+pub fn reference_naive_snat(ctx: TcContext) -> i32 {
+    let _ = reference::naive_snat(&ctx);
+    verdict::PASS
 }
 
 #[cfg(not(test))]

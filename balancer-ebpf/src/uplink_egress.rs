@@ -5,7 +5,8 @@
 
 use aya_ebpf::programs::TcContext;
 use balancer_common::{
-    flow::{FlowKey, PROTOCOL_ICMP},
+    flow::{FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP},
+    policy::TCP_SYN,
     stats::{
         PASS_ICMP_OTHER, PASS_NOT_TRANSLATED, PASS_WRONG_UPLINK, UPLINK_TX_BYTES, UPLINK_TX_PACKETS,
     },
@@ -25,35 +26,67 @@ use crate::{
 pub fn try_uplink_egress(ctx: &TcContext) -> Result<(), u32> {
     // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is a plain u32, copied out at once.
-    let Some(&id) = (unsafe { UPLINK_BY_IFINDEX.get(ifindex) }) else {
-        // Attached before user space registered the interface: nothing to do yet.
-        return Ok(());
+    let result = translate(ctx, ifindex);
+    let id = match result {
+        Ok(Some(id)) => Some(id),
+        _ => uplink_of(ifindex),
     };
-    bump_uplink(id, UPLINK_TX_PACKETS, 1);
-    bump_uplink(id, UPLINK_TX_BYTES, u64::from(ctx.len()));
+    if let Some(id) = id {
+        bump_uplink(id, UPLINK_TX_PACKETS, 1);
+        bump_uplink(id, UPLINK_TX_BYTES, u64::from(ctx.len()));
+    }
+    result.map(|_| ())
+}
 
+/// The uplink the daemon registered interface `ifindex` as; `None` while it has not (the
+/// program may be attached first).
+#[inline(always)]
+fn uplink_of(ifindex: u32) -> Option<u32> {
+    // SAFETY: the value is a plain u32, copied out at once.
+    unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied()
+}
+
+/// Source-translates the packet if it belongs to a flow of this uplink; `Ok(Some(uplink id))`
+/// when the packet was a flow's (so the caller need not look the interface up to count it).
+///
+/// The common packet, an established flow's, takes the short way: its flow names its uplink,
+/// and that uplink's slot names its interface, which must be this one. SYNs (whose MSS is
+/// clamped to this interface's uplink whether or not they belong to a flow), later fragments
+/// and ICMP errors find the uplink by interface first.
+#[inline(always)]
+fn translate(ctx: &TcContext, ifindex: u32) -> Result<Option<u32>, u32> {
     let ip = parse_ipv4(ctx)?;
     if ip.later_fragment {
-        return fragments::translate(ctx, &ip, Side::Source, id);
+        let id = uplink_of(ifindex).ok_or(PASS_NOT_TRANSLATED)?;
+        return fragments::translate(ctx, &ip, Side::Source, id).map(|()| Some(id));
     }
     let packet = parse_l4(ctx, ip)?;
-    let mss_max = UPLINKS.get(id).map_or(0, |uplink| uplink.mss_max);
-    mss::clamp(ctx, &packet, mss_max)?;
     let protocol = packet.ip.protocol;
-    if protocol == PROTOCOL_ICMP && icmp_error::is_error(packet.icmp_type) {
+    let icmp_error = protocol == PROTOCOL_ICMP && icmp_error::is_error(packet.icmp_type);
+    let syn = protocol == PROTOCOL_TCP && packet.tcp_flags & TCP_SYN != 0;
+    let interface_uplink = if syn || icmp_error {
+        let id = uplink_of(ifindex).ok_or(PASS_NOT_TRANSLATED)?;
+        let mss_max = UPLINKS.get(id).map_or(0, |uplink| uplink.mss_max);
+        mss::clamp(ctx, &packet, mss_max)?;
+        Some(id)
+    } else {
+        None
+    };
+    if icmp_error {
         let (quoted, entry) = icmp_error::client_flow(ctx, &packet.ip)?;
-        if u32::from(entry.uplink_id) != id {
+        let id = u32::from(entry.uplink_id);
+        if interface_uplink != Some(id) {
             return Err(PASS_WRONG_UPLINK);
         }
-        return icmp_error::rewrite(
+        icmp_error::rewrite(
             ctx,
             &packet.ip,
             &quoted,
             Side::Source,
             entry.uplink_addr,
             entry.nat_port,
-        );
+        )?;
+        return Ok(Some(id));
     }
     if protocol == PROTOCOL_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST {
         return Err(PASS_ICMP_OTHER);
@@ -74,8 +107,13 @@ pub fn try_uplink_egress(ctx: &TcContext) -> Result<(), u32> {
     // SAFETY: a successful lookup returns a pointer to the value; fields are copied out.
     let (uplink_id, uplink_addr, nat_port) =
         unsafe { ((*entry).uplink_id, (*entry).uplink_addr, (*entry).nat_port) };
-    if u32::from(uplink_id) != id {
+    let id = u32::from(uplink_id);
+    let leaves_by_its_uplink = UPLINKS
+        .get(id)
+        .is_some_and(|uplink| uplink.ifindex == ifindex && uplink.ifindex != 0);
+    if !leaves_by_its_uplink {
         return Err(PASS_WRONG_UPLINK);
     }
-    rewrite(ctx, &packet, Side::Source, uplink_addr, nat_port)
+    rewrite(ctx, &packet, Side::Source, uplink_addr, nat_port)?;
+    Ok(Some(id))
 }

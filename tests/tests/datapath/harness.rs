@@ -162,10 +162,21 @@ impl Datapath {
     }
 
     /// Makes the uplink programs act for uplink `id` (`test_run` always runs on ifindex 1).
+    /// Both ways the programs find it: `UPLINK_BY_IFINDEX` and the uplink slots' ifindex
+    /// (uplink `id` on ifindex 1, the others back on their own).
     pub fn act_for_uplink(&mut self, id: u32) -> anyhow::Result<()> {
         let mut map: HashMap<&mut MapData, u32, u32> =
             self.map_mut(UPLINK_BY_IFINDEX)?.try_into()?;
         map.insert(LOOPBACK_IFINDEX, id, 0)?;
+        for other in 1..=3u8 {
+            let mut uplink = self.uplink(other)?;
+            uplink.ifindex = if u32::from(other) == id {
+                LOOPBACK_IFINDEX
+            } else {
+                100 + u32::from(other)
+            };
+            self.set_uplink(other, uplink)?;
+        }
         Ok(())
     }
 
