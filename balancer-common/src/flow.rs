@@ -25,7 +25,7 @@ pub struct FlowKey {
 }
 
 /// A reply as it arrives on an uplink, before reverse NAT. Key of `NAT_REVERSE`, whose value
-/// is the [`FlowKey`] of the flow it belongs to.
+/// is a [`ReverseEntry`].
 ///
 /// For ICMP echo replies, `nat_port` is the translated echo identifier and `remote_port` is 0.
 #[repr(C)]
@@ -42,6 +42,28 @@ pub struct ReverseKey {
     pub protocol: u8,
     pub _pad: [u8; 3],
 }
+
+/// Value of `NAT_REVERSE`: the flow a reply belongs to, and what translating an ordinary reply
+/// takes, so that such a reply costs one lookup. Replies that change the flow's state (the
+/// first answer, TCP SYN, FIN, RST) also update the flow in `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseEntry {
+    pub flow: FlowKey,
+    /// Coarse monotonic time of the last reply; a flow whose client is silent while its
+    /// remote still sends is not idle (see `policy::last_activity_ns`).
+    pub last_reply_ns: u64,
+    /// The flow's mark, put on its replies.
+    pub mark: u32,
+    pub uplink_id: u8,
+    /// `REVERSE_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `ReverseEntry::flags`: the flow has been answered and `FLOWS` knows it, so ordinary replies
+/// need not touch `FLOWS`.
+pub const REVERSE_FLAG_ANSWERED: u8 = 1 << 0;
 
 /// `FlowEntry::state`: where a flow is in its life, which decides its timeout.
 pub const FLOW_STATE_NEW: u8 = 0;
@@ -81,7 +103,8 @@ pub struct FlowEntry {
     pub uplink_generation: u32,
     /// TCP: the next sequence number expected from the client (host order), for resets.
     pub client_seq_next: u32,
-    /// TCP: the next sequence number expected from the remote end (host order).
+    /// TCP: the next sequence number the client expects from the remote end (host order),
+    /// from the client's last acknowledgment.
     pub remote_seq_next: u32,
     /// The translated source port (echo identifier for ICMP), network order.
     pub nat_port: u16,
@@ -127,6 +150,7 @@ const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<ReverseKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<ReverseEntry>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -136,6 +160,8 @@ mod pod {
     unsafe impl aya::Pod for super::ReverseKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReverseEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FragmentKey {}
     // SAFETY: as above.

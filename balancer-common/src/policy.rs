@@ -68,6 +68,24 @@ pub fn flow_expired(entry: &FlowEntry, protocol: u8, settings: &Settings, now_ns
     now_ns.saturating_sub(entry.last_seen_ns) > flow_timeout_ns(entry, protocol, settings)
 }
 
+/// [`flow_expired`], with the flow's last reply (`ReverseEntry::last_reply_ns`, which ordinary
+/// replies update instead of the flow) counting as activity too.
+#[inline(always)]
+pub fn flow_expired_with_replies(
+    entry: &FlowEntry,
+    last_reply_ns: u64,
+    protocol: u8,
+    settings: &Settings,
+    now_ns: u64,
+) -> bool {
+    let last = if last_reply_ns > entry.last_seen_ns {
+        last_reply_ns
+    } else {
+        entry.last_seen_ns
+    };
+    now_ns.saturating_sub(last) > flow_timeout_ns(entry, protocol, settings)
+}
+
 /// The translated port range `(min, max)`, host order, inclusive. A zero or inverted range in
 /// `settings` means the default.
 #[inline(always)]

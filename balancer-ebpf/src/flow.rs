@@ -9,9 +9,10 @@ use aya_ebpf::{
 use balancer_common::{
     flow::{
         FLOW_FLAG_CLIENT_FIN, FLOW_FLAG_FORCED, FLOW_FLAG_REMOTE_FIN, FLOW_STATE_CLOSED,
-        FLOW_STATE_CLOSING, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseKey,
+        FLOW_STATE_CLOSING, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseEntry,
+        ReverseKey,
     },
-    policy::{flow_expired, nat_port_range},
+    policy::{flow_expired, flow_expired_with_replies, nat_port_range},
     stats::{
         DROP_NAT_EXHAUSTED, PASS_NO_UPLINK, UPLINK_NAT_EXHAUSTED, UPLINK_NEW_FLOWS,
         UPLINK_TCP_NEW_FLOWS,
@@ -69,7 +70,8 @@ pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
             uplink.source_addr != 0
                 && uplink.generation == e.uplink_generation
                 && (uplink.enabled == 1 || e.flags & FLOW_FLAG_FORCED != 0)
-                && !flow_expired(e, key.protocol, settings, now_ns)
+                && (!flow_expired(e, key.protocol, settings, now_ns)
+                    || replies_keep_alive(key, e, settings, now_ns))
         }
         None => false,
     };
@@ -77,6 +79,29 @@ pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
         Found::Live(entry)
     } else {
         Found::Stale(reverse_key(key, e.uplink_addr, e.nat_port))
+    }
+}
+
+/// Whether replies translated without touching `FLOWS` (`ReverseEntry::last_reply_ns`) keep a
+/// flow alive that its own last packet would let expire: a remote still sending to a silent
+/// client. Asked only on that rare path, so ordinary packets pay no second lookup.
+#[inline(always)]
+fn replies_keep_alive(key: &FlowKey, entry: &FlowEntry, settings: &Settings, now_ns: u64) -> bool {
+    let reverse = reverse_key(key, entry.uplink_addr, entry.nat_port);
+    match NAT_REVERSE.get_ptr(&reverse) {
+        Some(value) => {
+            // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
+            let value = unsafe { *value };
+            value.flow == *key
+                && !flow_expired_with_replies(
+                    entry,
+                    value.last_reply_ns,
+                    key.protocol,
+                    settings,
+                    now_ns,
+                )
+        }
+        None => false,
     }
 }
 
@@ -114,20 +139,30 @@ pub fn create(
         random % span
     };
     let mut reverse = reverse_key(key, uplink.source_addr, 0);
+    let reverse_entry = ReverseEntry {
+        flow: *key,
+        last_reply_ns: 0,
+        mark: uplink.mark,
+        uplink_id: id as u8,
+        flags: 0,
+        _pad: [0; 2],
+    };
     let mut reserved = false;
     for probe in 0..PORT_PROBES {
         reverse.nat_port = ((u32::from(min) + offset) as u16).to_be();
-        if NAT_REVERSE
-            .insert(&reverse, key, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            reserved = true;
-            break;
-        }
-        if probe >= FREE_PORT_PROBES
-            && release_if_over(&reverse, now_ns)
+        // A lookup first: far cheaper than an insert that fails (an LRU insert takes a node
+        // off the free list before it finds the key taken), which is every probe in a crowded
+        // range. The insert still decides a race with another CPU.
+        let free = match NAT_REVERSE.get_ptr(&reverse) {
+            None => true,
+            // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
+            Some(owner) => {
+                probe >= FREE_PORT_PROBES && release_if_over(&reverse, unsafe { (*owner).flow }, now_ns)
+            }
+        };
+        if free
             && NAT_REVERSE
-                .insert(&reverse, key, u64::from(BPF_NOEXIST))
+                .insert(&reverse, &reverse_entry, u64::from(BPF_NOEXIST))
                 .is_ok()
         {
             reserved = true;
@@ -180,7 +215,7 @@ pub fn create(
     Ok(entry.mark)
 }
 
-/// Frees the translated port `reverse` holds if it belongs to a TCP flow that is over (reset,
+/// Frees the translated port `reverse` holds for flow `owner` if that is a TCP flow that is over (reset,
 /// or closed by both ends) and quiet for `CLOSED_PORT_GRACE_NS`; returns whether the port may
 /// be tried again. Such a flow would otherwise keep its port for the whole closing timeout
 /// (60 s), which caps sustained new connections to one server at about 75 per second per
@@ -189,16 +224,10 @@ pub fn create(
 /// Linux accepts a new SYN there when its sequence number or timestamp is newer, and
 /// otherwise the client's SYN retransmission gets through, which still beats a dropped SYN.
 #[inline(always)]
-fn release_if_over(reverse: &ReverseKey, now_ns: u64) -> bool {
+fn release_if_over(reverse: &ReverseKey, owner: FlowKey, now_ns: u64) -> bool {
     if reverse.protocol != PROTOCOL_TCP {
         return false;
     }
-    let Some(owner) = NAT_REVERSE.get_ptr(reverse) else {
-        // Freed since the insert failed.
-        return true;
-    };
-    // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
-    let owner = unsafe { *owner };
     // No flow: being created by another CPU right now, or an orphan the sweeper removes.
     let Some(entry) = FLOWS.get_ptr(&owner) else {
         return false;

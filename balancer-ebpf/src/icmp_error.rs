@@ -229,7 +229,7 @@ pub fn remote_flow(ctx: &TcContext, ip: &Ipv4) -> Result<(Quoted, FlowKey, u32),
         .ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
     // SAFETY: a successful lookup returns a pointer to the value; copied out at once, since
     // LRU entries may be reused under us.
-    let key = unsafe { *key };
+    let key = unsafe { (*key).flow };
     let entry = FLOWS.get_ptr(&key).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
     // SAFETY: as above.
     let (nat_port, uplink_addr, mark) =

@@ -73,6 +73,11 @@ pub fn try_lan_ingress(ctx: &TcContext) -> Result<(), u32> {
                 entry.state = state;
                 entry.flags = flags;
                 entry.client_seq_next = seq_next;
+                // What the client acknowledges is exactly what it expects next from the remote
+                // (its RCV.NXT): the sequence number a reset on its behalf must carry.
+                if packet.tcp_flags & TCP_ACK != 0 {
+                    entry.remote_seq_next = packet.ack;
+                }
             }
             fragments::remember(&packet.ip, entry.uplink_addr, entry.mark, entry.uplink_id);
             set_mark(ctx, entry.mark);

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use balancer_common::{
     counters::COUNTERS_LEN,
-    flow::{FlowEntry, FlowKey, FragmentEntry, FragmentKey, ReverseKey},
+    flow::{FlowEntry, FlowKey, FragmentEntry, FragmentKey, ReverseEntry, ReverseKey},
     maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES},
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
     uplink::{
@@ -28,10 +28,11 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_L
 pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
-/// Replies as they arrive on an uplink -> the flow they belong to. Inserted with the flow, as
-/// a pair; its `BPF_NOEXIST` insert is what reserves a translated port.
+/// Replies as they arrive on an uplink -> the flow they belong to and how to translate them.
+/// Inserted with the flow, as a pair; its `BPF_NOEXIST` insert is what reserves a translated
+/// port.
 #[map]
-pub static NAT_REVERSE: LruHashMap<ReverseKey, FlowKey> =
+pub static NAT_REVERSE: LruHashMap<ReverseKey, ReverseEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
 /// Fragmented datagrams of known flows -> the translation of their later fragments, which

@@ -49,6 +49,8 @@ pub struct Packet {
     /// (payload, plus one each for SYN and FIN).
     pub seq: u32,
     pub seq_len: u32,
+    /// TCP only, host order: the acknowledgment number (meaningful with ACK set).
+    pub ack: u32,
 }
 
 /// Makes the headers directly readable when the skb's linear part is shorter than them (paged
@@ -116,6 +118,7 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Result<Packet, u32> {
         tcp_flags: 0,
         seq: 0,
         seq_len: 0,
+        ack: 0,
         ip,
     };
     let off = packet.ip.l4_off;
@@ -133,6 +136,7 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Result<Packet, u32> {
             packet.dst_port = u16::from_ne_bytes(tcp.dst_port);
             packet.tcp_flags = tcp.flags;
             packet.seq = u32::from_be_bytes(tcp.seq);
+            packet.ack = u32::from_be_bytes(tcp.ack_seq);
             let control = u32::from(tcp.flags & TCP_SYN != 0) + u32::from(tcp.flags & TCP_FIN != 0);
             packet.seq_len = (l4_len - header_len) as u32 + control;
         }

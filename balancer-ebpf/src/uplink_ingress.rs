@@ -5,8 +5,10 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use balancer_common::{
-    flow::{FLOW_FLAG_ANSWERED, PROTOCOL_ICMP, PROTOCOL_TCP, ReverseKey},
-    policy::flow_after_packet,
+    flow::{
+        FLOW_FLAG_ANSWERED, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, ReverseKey,
+    },
+    policy::{TCP_FIN, TCP_RST, TCP_SYN, flow_after_packet},
     stats::{
         PASS_ICMP_OTHER, PASS_NOT_TRANSLATED, UPLINK_RX_BYTES, UPLINK_RX_PACKETS,
         UPLINK_TCP_ANSWERED,
@@ -82,11 +84,51 @@ fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
         protocol,
         _pad: [0; 3],
     };
-    let key = NAT_REVERSE.get_ptr(&reverse).ok_or(PASS_NOT_TRANSLATED)?;
-    // SAFETY: a successful lookup returns a pointer to the value; copied out at once, since
-    // LRU entries may be reused under us.
-    let key = unsafe { *key };
-    let entry = FLOWS.get_ptr_mut(&key).ok_or(PASS_NOT_TRANSLATED)?;
+    let value = NAT_REVERSE
+        .get_ptr_mut(&reverse)
+        .ok_or(PASS_NOT_TRANSLATED)?;
+    // SAFETY: a pointer into the map value, valid for this run; what the translation needs is
+    // copied out at once, since LRU entries may be reused under us.
+    let value = unsafe { &mut *value };
+    let (flow, mark, id) = (value.flow, value.mark, value.uplink_id);
+    // The coarse clock (same monotonic base, tick resolution) is plenty for timeouts of
+    // seconds and costs a fraction of the precise one on every reply packet.
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // An ordinary reply of an answered flow needs nothing from `FLOWS`: the first answer and
+    // the TCP packets that move the flow's state go through it.
+    let changes_state =
+        protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
+    if value.flags & REVERSE_FLAG_ANSWERED == 0 || changes_state {
+        update_flow(&flow, &reverse, protocol, packet.tcp_flags, now)?;
+        value.flags |= REVERSE_FLAG_ANSWERED;
+    }
+    // Written once per clock tick, not per packet: a line other CPUs read stays clean.
+    if value.last_reply_ns != now {
+        value.last_reply_ns = now;
+    }
+    fragments::remember(&packet.ip, flow.client_addr, mark, id);
+    rewrite(
+        ctx,
+        &packet,
+        Side::Destination,
+        flow.client_addr,
+        flow.client_port,
+    )?;
+    set_mark(ctx, mark);
+    Ok(Some(id))
+}
+
+/// Records a reply in flow `key`: activity, TCP state, the first answer.
+#[inline(always)]
+fn update_flow(
+    key: &FlowKey,
+    reverse: &ReverseKey,
+    protocol: u8,
+    tcp_flags: u8,
+    now: u64,
+) -> Result<(), u32> {
+    let entry = FLOWS.get_ptr_mut(key).ok_or(PASS_NOT_TRANSLATED)?;
     // SAFETY: a pointer into the map value, valid for this run (see `FlowEntry` on sharing).
     let entry = unsafe { &mut *entry };
     // A reverse entry left behind by a replaced or evicted flow must not steer replies into a
@@ -94,38 +136,13 @@ fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
     if entry.nat_port != reverse.nat_port || entry.uplink_addr != reverse.uplink_addr {
         return Err(PASS_NOT_TRANSLATED);
     }
-    // The coarse clock (same monotonic base, tick resolution) is plenty for timeouts of
-    // seconds and costs a fraction of the precise one on every reply packet.
-    // SAFETY: a plain helper call without arguments.
-    entry.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    entry.last_seen_ns = now;
     let was_answered = entry.flags & FLOW_FLAG_ANSWERED != 0;
-    let (state, flags) =
-        flow_after_packet(protocol, entry.state, entry.flags, packet.tcp_flags, true);
+    let (state, flags) = flow_after_packet(protocol, entry.state, entry.flags, tcp_flags, true);
     entry.state = state;
     entry.flags = flags;
     if protocol == PROTOCOL_TCP && !was_answered {
         bump_uplink(u32::from(entry.uplink_id), UPLINK_TCP_ANSWERED, 1);
     }
-    if protocol == PROTOCOL_TCP {
-        // Only forward: a retransmission (of a segment the shaper ahead of us dropped) must not
-        // pull it back below what the client already holds. The reset sent when this uplink
-        // dies uses it, and Linux accepts an RST only at RCV.NXT or at the right edge of its
-        // SACK blocks, which is the highest sequence seen here.
-        let seq_next = packet.seq.wrapping_add(packet.seq_len);
-        if !was_answered || (seq_next.wrapping_sub(entry.remote_seq_next) as i32) > 0 {
-            entry.remote_seq_next = seq_next;
-        }
-    }
-    let mark = entry.mark;
-    let id = entry.uplink_id;
-    fragments::remember(&packet.ip, key.client_addr, mark, entry.uplink_id);
-    rewrite(
-        ctx,
-        &packet,
-        Side::Destination,
-        key.client_addr,
-        key.client_port,
-    )?;
-    set_mark(ctx, mark);
-    Ok(Some(id))
+    Ok(())
 }

@@ -6,9 +6,9 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, PerCpuArray};
 use balancer_common::{
-    flow::{FlowEntry, FlowKey, ReverseKey},
+    flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps as names,
-    policy::flow_expired,
+    policy::flow_expired_with_replies,
     stats::{
         REASON_NAMES, REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_NAT_EXHAUSTED, UPLINK_NEW_FLOWS,
         UPLINK_RX_BYTES, UPLINK_RX_PACKETS, UPLINK_TX_BYTES, UPLINK_TX_PACKETS,
@@ -112,6 +112,16 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
             slots.insert(id, info);
         }
     }
+    // Ordinary replies refresh the reverse half only: a flow whose remote still sends is live.
+    let reverse_map = open_pinned(pins, names::NAT_REVERSE)?;
+    let reverse: HashMap<_, ReverseKey, ReverseEntry> =
+        HashMap::try_from(reverse_map).map_err(map_error(names::NAT_REVERSE))?;
+    let mut last_reply: std::collections::HashMap<FlowKey, u64> = std::collections::HashMap::new();
+    let mut reverse_entries = 0u64;
+    for (_, value) in reverse.iter().filter_map(Result::ok) {
+        reverse_entries += 1;
+        last_reply.insert(value.flow, value.last_reply_ns);
+    }
     let mut active: BTreeMap<u32, u64> = BTreeMap::new();
     let flows_map = open_pinned(pins, names::FLOWS)?;
     let flows: HashMap<_, FlowKey, FlowEntry> =
@@ -123,7 +133,13 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
         let live = slots
             .get(&id)
             .is_some_and(|info| info.generation == entry.uplink_generation)
-            && !flow_expired(&entry, key.protocol, &settings, now);
+            && !flow_expired_with_replies(
+                &entry,
+                last_reply.get(&key).copied().unwrap_or(0),
+                key.protocol,
+                &settings,
+                now,
+            );
         if live {
             *active.entry(id).or_default() += 1;
         }
@@ -159,10 +175,6 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
             sum(&reasons_array, index)?,
         );
     }
-    let reverse_map = open_pinned(pins, names::NAT_REVERSE)?;
-    let reverse: HashMap<_, ReverseKey, FlowKey> =
-        HashMap::try_from(reverse_map).map_err(map_error(names::NAT_REVERSE))?;
-    let reverse_entries = reverse.keys().filter_map(Result::ok).count() as u64;
     Ok(Stats {
         version: STATS_VERSION,
         uplinks: result,

@@ -13,7 +13,7 @@ use anyhow::ensure;
 use balancer_common::{
     flow::{
         FLOW_FLAG_CLIENT_FIN, FLOW_FLAG_FORCED, FLOW_STATE_CLOSING, FLOW_STATE_NEW, FlowEntry,
-        FlowKey, ReverseKey,
+        FlowKey, REVERSE_FLAG_ANSWERED, ReverseEntry, ReverseKey,
     },
     maps::{
         PROGRAM_LAN_INGRESS as LAN, PROGRAM_UPLINK_EGRESS as EGRESS,
@@ -233,35 +233,21 @@ fn tcp_state_and_stale_flows() -> anyhow::Result<()> {
     let (id, port) = round_trip(&mut dp, &syn)?;
     assert_eq!(id, 1);
     let entry = dp.flow(&key)?.ok_or_else(|| anyhow::anyhow!("no flow"))?;
-    // SYN-ACK seq 0x1000_0000, payload 19 bytes, +1 for the SYN.
-    assert_eq!(entry.remote_seq_next, 0x1000_0000 + 19 + 1);
-    // Data moves it forward; a retransmission of older data does not move it back.
+    // What the client expects next from the server (for a reset on its behalf) is what it
+    // acknowledges: nothing yet, then its ACK's acknowledgment number (0x2000_0000 in every
+    // test packet); the server's packets do not move it.
+    assert_eq!(entry.remote_seq_next, 0);
+    let ack = Packet::tcp((CLIENT, 40_000), (SERVER, 443), TCP_ACK);
+    assert_eq!(dp.run(LAN, &ack.bytes(), 0)?.mark, 1 << 24);
     let translated = Ipv4Addr::from(entry.uplink_addr.to_ne_bytes());
-    let nat_port = u16::from_be(entry.nat_port);
-    let data_at = |seq: u32| {
-        let mut data = Packet::tcp((SERVER, 443), (translated, nat_port), TCP_ACK);
-        data.l4 = match data.l4 {
-            L4::Tcp {
-                src_port,
-                dst_port,
-                flags,
-                ..
-            } => L4::Tcp {
-                src_port,
-                dst_port,
-                seq,
-                flags,
-            },
-            other => other,
-        };
-        data.payload = vec![1; 100];
-        data.bytes()
-    };
-    dp.run(INGRESS, &data_at(0x1000_0014), 0)?;
-    dp.run(INGRESS, &data_at(0x1000_0078), 0)?;
-    dp.run(INGRESS, &data_at(0x1000_0014), 0)?;
+    let data = Packet::tcp(
+        (SERVER, 443),
+        (translated, u16::from_be(entry.nat_port)),
+        TCP_ACK,
+    );
+    assert_eq!(dp.run(INGRESS, &data.bytes(), 0)?.mark, 1 << 24);
     let entry = dp.flow(&key)?.ok_or_else(|| anyhow::anyhow!("no flow"))?;
-    assert_eq!(entry.remote_seq_next, 0x1000_0078 + 100);
+    assert_eq!(entry.remote_seq_next, 0x2000_0000);
     let mut fin = Packet::tcp((CLIENT, 40_000), (SERVER, 443), TCP_FIN | TCP_ACK);
     fin.payload = vec![7; 10];
     let run = dp.run(LAN, &fin.bytes(), 0)?;
@@ -464,6 +450,42 @@ fn a_full_range_takes_the_port_of_a_tcp_flow_that_is_over() -> anyhow::Result<()
 }
 
 #[test]
+fn replies_alone_keep_a_flow_alive() -> anyhow::Result<()> {
+    let mut dp = Datapath::load()?;
+    dp.set_weights(&[(1, 1)])?;
+    dp.set_settings(Settings {
+        udp_timeout_ns: 300_000_000,
+        ..Settings::default()
+    })?;
+    let request = Packet::udp((CLIENT, 40_000), (SERVER, 5004));
+    let (id, port) = round_trip(&mut dp, &request)?;
+    let reply = reply_to(&request, uplink_addr(id), port).bytes();
+    // The remote keeps sending for longer than the timeout while the client stays silent.
+    for _ in 0..4 {
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        let run = dp.run(INGRESS, &reply, 0)?;
+        assert_eq!(view(&run.data).dst, CLIENT, "reply translated");
+    }
+    let entry = dp
+        .flow(&flow_key(&request))?
+        .ok_or_else(|| anyhow::anyhow!("no flow"))?;
+    let (_, reverse) = dp
+        .reverse_entries()?
+        .into_iter()
+        .find(|(_, value)| value.flow == flow_key(&request))
+        .ok_or_else(|| anyhow::anyhow!("no reverse entry"))?;
+    assert!(
+        reverse.last_reply_ns > entry.last_seen_ns + 300_000_000,
+        "ordinary replies refresh the reverse half only: {reverse:?} {entry:?}"
+    );
+    // The client speaks again: the same flow, not a new translation.
+    let run = dp.run(LAN, &request.bytes(), 0)?;
+    assert_eq!(run.mark, u32::from(id) << 24);
+    assert_eq!(dp.uplink_counter(u32::from(id), UPLINK_NEW_FLOWS)?, 1);
+    Ok(())
+}
+
+#[test]
 fn ten_thousand_flows_split_two_two_one() -> anyhow::Result<()> {
     const FLOWS: u16 = 10_000;
     let mut dp = Datapath::load()?;
@@ -572,7 +594,16 @@ fn per_packet_costs() -> anyhow::Result<()> {
         protocol: key.protocol,
         _pad: [0; 3],
     };
-    dp.insert_reverse(reverse, mirror_key)?;
+    dp.insert_reverse(
+        reverse,
+        ReverseEntry {
+            flow: mirror_key,
+            mark: entry.mark,
+            uplink_id: entry.uplink_id,
+            flags: REVERSE_FLAG_ANSWERED,
+            ..ReverseEntry::default()
+        },
+    )?;
     let reply = reply_to(
         &Packet::tcp((CLIENT, 40_000), (SERVER, 443), TCP_ACK),
         uplink_addr(1),

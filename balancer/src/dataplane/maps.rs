@@ -14,7 +14,7 @@ use aya::{
     },
 };
 use balancer_common::{
-    flow::{FlowEntry, FlowKey, ReverseKey},
+    flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps as names,
     uplink::{DESTINATION_PASS, ScheduleLength, Settings, UPLINK_SLOTS, UplinkInfo},
 };
@@ -166,10 +166,10 @@ impl Dataplane {
     fn remove_flow(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<bool, DataplaneError> {
         let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
         let removed = flows.remove(key).is_ok();
-        let mut reverse: HashMap<_, ReverseKey, FlowKey> =
+        let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =
             typed(&mut self.ebpf, names::NAT_REVERSE)?;
         let half = reverse_key(key, entry);
-        if reverse.get(&half, 0).is_ok_and(|owner| owner == *key) {
+        if reverse.get(&half, 0).is_ok_and(|owner| owner.flow == *key) {
             let _ = reverse.remove(&half);
         }
         Ok(removed)
@@ -204,6 +204,8 @@ impl Dataplane {
             let map: Array<_, Settings> = typed(&mut self.ebpf, names::SETTINGS)?;
             map.get(&0, 0).map_err(read_error(names::SETTINGS))?
         };
+        // A first filter on the flow's own activity; candidates are checked with their
+        // replies below.
         let expired = |key: &FlowKey, entry: &FlowEntry| {
             balancer_common::policy::flow_expired(entry, key.protocol, &settings, now_ns)
         };
@@ -223,20 +225,36 @@ impl Dataplane {
             let Ok(entry) = flows.get(&key, 0) else {
                 continue;
             };
-            if expired(&key, &entry) && self.remove_flow(&key, &entry)? {
+            // Ordinary replies refresh only the reverse half: a remote still sending keeps the
+            // flow.
+            let reverse: HashMap<_, ReverseKey, ReverseEntry> =
+                typed_ref(&self.ebpf, names::NAT_REVERSE)?;
+            let last_reply = reverse
+                .get(&reverse_key(&key, &entry), 0)
+                .ok()
+                .filter(|value| value.flow == key)
+                .map_or(0, |value| value.last_reply_ns);
+            let expired = balancer_common::policy::flow_expired_with_replies(
+                &entry,
+                last_reply,
+                key.protocol,
+                &settings,
+                now_ns,
+            );
+            if expired && self.remove_flow(&key, &entry)? {
                 removed += 1;
             }
         }
         let orphans: HashSet<ReverseKey> = {
             let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
-            let reverse: HashMap<_, ReverseKey, FlowKey> =
+            let reverse: HashMap<_, ReverseKey, ReverseEntry> =
                 typed_ref(&self.ebpf, names::NAT_REVERSE)?;
             reverse
                 .iter()
                 .filter_map(Result::ok)
                 .filter(
-                    |(reverse_key_found, flow_key)| match flows.get(flow_key, 0) {
-                        Ok(entry) => reverse_key(flow_key, &entry) != *reverse_key_found,
+                    |(reverse_key_found, value)| match flows.get(&value.flow, 0) {
+                        Ok(entry) => reverse_key(&value.flow, &entry) != *reverse_key_found,
                         Err(_) => true,
                     },
                 )
@@ -247,7 +265,7 @@ impl Dataplane {
         // an orphan for a moment: only what was orphaned at the previous sweep too is removed.
         let confirmed: Vec<ReverseKey> =
             orphans.intersection(&self.orphans_seen).copied().collect();
-        let mut reverse: HashMap<_, ReverseKey, FlowKey> =
+        let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =
             typed(&mut self.ebpf, names::NAT_REVERSE)?;
         for key in &confirmed {
             if reverse.remove(key).is_ok() {

@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use aya::maps::HashMap;
 use balancer_common::{
-    flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseKey},
+    flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseEntry, ReverseKey},
     maps as names,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -100,7 +100,7 @@ impl Dataplane {
                 Err(error) => tracing::warn!(%client, %error, "sending a reset to a LAN client"),
             }
         }
-        let mut reverse: HashMap<_, ReverseKey, FlowKey> =
+        let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =
             typed(&mut self.ebpf, names::NAT_REVERSE)?;
         for (key, entry) in &stuck {
             let _ = reverse.remove(&reverse_key(key, entry));

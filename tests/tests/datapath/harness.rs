@@ -12,7 +12,7 @@ use aya::{
     programs::SchedClassifier,
 };
 use balancer_common::{
-    flow::{FlowEntry, FlowKey, ReverseKey},
+    flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps::{
         DESTINATIONS, FLOWS, NAT_REVERSE, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS,
         PROGRAM_UPLINK_INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX,
@@ -196,15 +196,24 @@ impl Datapath {
         Ok(())
     }
 
+    /// The reverse entries as (reply key, the flow it names).
     pub fn reverse(&self) -> anyhow::Result<Vec<(ReverseKey, FlowKey)>> {
-        let map: HashMap<&MapData, ReverseKey, FlowKey> = self.map(NAT_REVERSE)?.try_into()?;
+        Ok(self
+            .reverse_entries()?
+            .into_iter()
+            .map(|(key, value)| (key, value.flow))
+            .collect())
+    }
+
+    pub fn reverse_entries(&self) -> anyhow::Result<Vec<(ReverseKey, ReverseEntry)>> {
+        let map: HashMap<&MapData, ReverseKey, ReverseEntry> = self.map(NAT_REVERSE)?.try_into()?;
         Ok(map.iter().collect::<Result<_, _>>()?)
     }
 
-    pub fn insert_reverse(&mut self, key: ReverseKey, flow: FlowKey) -> anyhow::Result<()> {
-        let mut map: HashMap<&mut MapData, ReverseKey, FlowKey> =
+    pub fn insert_reverse(&mut self, key: ReverseKey, value: ReverseEntry) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, ReverseKey, ReverseEntry> =
             self.map_mut(NAT_REVERSE)?.try_into()?;
-        map.insert(key, flow, 0)?;
+        map.insert(key, value, 0)?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use aya::{
     programs::SchedClassifier,
 };
 use balancer_common::{
-    flow::{FlowEntry, FlowKey, ReverseKey},
+    flow::{FlowEntry, FlowKey, REVERSE_FLAG_ANSWERED, ReverseEntry, ReverseKey},
     maps::{
         DESTINATIONS, FLOWS, NAT_REVERSE, PROGRAM_LAN_INGRESS as LAN,
         PROGRAM_REFERENCE_EMPTY as REFERENCE_EMPTY,
@@ -164,7 +164,13 @@ pub fn measure(object: &Path, repeat: u32) -> anyhow::Result<Vec<Cost>> {
             protocol: key.protocol,
             _pad: [0; 3],
         },
-        mirror_key,
+        ReverseEntry {
+            flow: mirror_key,
+            mark: entry.mark,
+            uplink_id: entry.uplink_id,
+            flags: REVERSE_FLAG_ANSWERED,
+            ..ReverseEntry::default()
+        },
     )?;
     let nat_port = u16::from_be(entry.nat_port);
     let reply = tcp((SERVER, 443), (UPLINK1, nat_port), TCP_ACK);
@@ -365,10 +371,10 @@ impl Datapath {
         Ok(())
     }
 
-    fn insert_reverse(&mut self, key: ReverseKey, flow: FlowKey) -> anyhow::Result<()> {
-        let mut map: HashMap<&mut MapData, ReverseKey, FlowKey> =
+    fn insert_reverse(&mut self, key: ReverseKey, value: ReverseEntry) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, ReverseKey, ReverseEntry> =
             self.map_mut(NAT_REVERSE)?.try_into()?;
-        map.insert(key, flow, 0)?;
+        map.insert(key, value, 0)?;
         Ok(())
     }
 
