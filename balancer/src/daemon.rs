@@ -36,8 +36,9 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// How often uplinks out of the rotation are checked for connections to reset: the reset
 /// deadline (`health.reset_after_ms`) is met to within this.
 const RESET_CHECK_INTERVAL: Duration = Duration::from_millis(100);
-/// How often the data plane's TCP counters are sampled for passive detection.
-const PASSIVE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the data plane's TCP counters are sampled for passive detection: a few map
+/// reads, cheap enough to keep the verdict within a tick of the evidence.
+const PASSIVE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often expired flows are removed so their NAT ports are free again.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// Changes come in bursts (an interface going down removes several routes); wait for the burst

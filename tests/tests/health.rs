@@ -290,6 +290,7 @@ fn a_line_that_passes_pings_but_drops_tcp_is_marked_down_by_the_passive_signal()
         );
         thread::sleep(Duration::from_millis(50));
     };
+    println!("passive verdict seen {condemned:?} after the cut");
     assert!(
         condemned <= Duration::from_secs(2),
         "marked down {condemned:?} after the cut"

@@ -46,13 +46,14 @@ impl PassiveDetector {
         {
             self.samples.pop_front();
         }
-        let Some((start, first)) = self.samples.front() else {
+        // A daemon that just started judges on the history it has: the minimum sample, not a
+        // full window, is what guards against a verdict on too little evidence.
+        let Some((_, first)) = self.samples.front() else {
             return Vec::new();
         };
-        if now.duration_since(*start) < WINDOW + ANSWER_LAG {
+        let Some(cutoff) = now.checked_sub(ANSWER_LAG) else {
             return Vec::new();
-        }
-        let cutoff = now - ANSWER_LAG;
+        };
         let Some((_, at_cutoff)) = self.samples.iter().rev().find(|(time, _)| *time <= cutoff)
         else {
             return Vec::new();
@@ -136,6 +137,20 @@ mod tests {
         assert!(found[0].1.contains("unanswered"), "{found:?}");
         assert!(detector.acquit(3));
         assert!(detector.condemned().is_empty());
+    }
+
+    #[test]
+    fn a_daemon_that_just_started_judges_on_the_history_it_has() {
+        let mut detector = PassiveDetector::default();
+        // From the first sample on, 2 new flows per 250 ms on uplink 3, none answered: by
+        // 1 s, 4 of them have had their 400 ms to be answered. A full window (1.9 s) of history
+        // is not waited for.
+        let found = run(&mut detector, Instant::now(), 5, &[(1, 2, 2), (3, 2, 0)]);
+        assert_eq!(
+            found.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            [3],
+            "{found:?}"
+        );
     }
 
     #[test]
