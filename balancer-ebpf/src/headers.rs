@@ -60,9 +60,6 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 pub const IP_CHECK_FIELD: usize = 10;
 /// Smallest IPv4 header (no options).
 pub const IPV4_MIN_LEN: usize = 20;
-/// Enough to hold Ethernet, the largest IPv4 header and the largest TCP header: the most any
-/// parser here reads.
-pub const MAX_HEADERS_LEN: u32 = (ETH_HDR_LEN + 60 + 60) as u32;
 
 /// The fixed 20-byte part of a TCP header.
 #[repr(C)]

@@ -12,7 +12,7 @@ use balancer_common::{
 };
 
 use crate::headers::{
-    ETH_HDR_LEN, ETH_P_IP, EthHdr, IP_MF, IPV4_MIN_LEN, IcmpEchoHdr, Ipv4Hdr, MAX_HEADERS_LEN,
+    ETH_HDR_LEN, ETH_P_IP, EthHdr, IP_MF, IPV4_MIN_LEN, IcmpEchoHdr, Ipv4Hdr,
     TcpHdr, UdpHdr, ptr_at,
 };
 
@@ -53,19 +53,17 @@ pub struct Packet {
     pub ack: u32,
 }
 
-/// Makes the headers directly readable when the skb's linear part is shorter than them (paged
-/// frames from some drivers); otherwise a valid packet would look truncated.
+/// Makes the first `upto` bytes directly readable when the skb's linear part is shorter
+/// (paged frames from some drivers); otherwise a valid packet would look truncated. Asks only
+/// for the header about to be read: a GSO packet's linear part usually holds exactly its
+/// headers, and pulling more would copy payload, and sometimes reallocate the head, for every
+/// such packet.
 #[inline(always)]
-fn linearize_headers(ctx: &TcContext) {
-    let want = if ctx.len() < MAX_HEADERS_LEN {
-        ctx.len()
-    } else {
-        MAX_HEADERS_LEN
-    };
-    if ctx.data() + want as usize > ctx.data_end() {
+fn ensure_linear(ctx: &TcContext, upto: usize) {
+    if ctx.data() + upto > ctx.data_end() && upto <= ctx.len() as usize {
         // On failure the bounds checks below see the short linear part and pass the packet
         // as malformed: untouched, which is the safe outcome.
-        let _ = ctx.pull_data(want);
+        let _ = ctx.pull_data(upto as u32);
     }
 }
 
@@ -73,7 +71,7 @@ fn linearize_headers(ctx: &TcContext) {
 /// the frame. Ethernet padding after `tot_len` is allowed.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, u32> {
-    linearize_headers(ctx);
+    ensure_linear(ctx, ETH_HDR_LEN + IPV4_MIN_LEN);
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(PASS_MALFORMED)?;
     // SAFETY: `ptr_at` checked that the whole header lies inside the packet.
     if unsafe { (*eth).ether_type } != ETH_P_IP {
@@ -125,6 +123,7 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Result<Packet, u32> {
     let l4_len = packet.ip.l4_len;
     match packet.ip.protocol {
         PROTOCOL_TCP => {
+            ensure_linear(ctx, off + core::mem::size_of::<TcpHdr>());
             let tcp = ptr_at::<TcpHdr>(ctx, off).ok_or(PASS_MALFORMED)?;
             // SAFETY: bounds-checked by `ptr_at` at this (variable) offset.
             let tcp = unsafe { &*tcp };
@@ -141,6 +140,7 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Result<Packet, u32> {
             packet.seq_len = (l4_len - header_len) as u32 + control;
         }
         PROTOCOL_UDP => {
+            ensure_linear(ctx, off + core::mem::size_of::<UdpHdr>());
             let udp = ptr_at::<UdpHdr>(ctx, off).ok_or(PASS_MALFORMED)?;
             // SAFETY: bounds-checked by `ptr_at`.
             let udp = unsafe { &*udp };
@@ -155,6 +155,7 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Result<Packet, u32> {
             packet.dst_port = u16::from_ne_bytes(udp.dst_port);
         }
         PROTOCOL_ICMP => {
+            ensure_linear(ctx, off + core::mem::size_of::<IcmpEchoHdr>());
             let icmp = ptr_at::<IcmpEchoHdr>(ctx, off).ok_or(PASS_MALFORMED)?;
             if l4_len < core::mem::size_of::<IcmpEchoHdr>() {
                 return Err(PASS_MALFORMED);
