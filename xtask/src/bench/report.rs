@@ -403,9 +403,10 @@ impl Results {
             self.seconds_taken,
         );
         s.push_str(
-            "**Noisy numbers.** This run shared its two vCPUs with other engineers compiling and running tests, and \
-             the lab's links are veth pairs, so every row is bounded by CPU, not by a wire. Treat the ratios as \
-             indicative; CI and the CEO rerun the same command on a quiet machine.\n\n",
+            "**Noisy numbers.** The lab's links are veth pairs on a shared 2-vCPU VM, so every row is bounded by \
+             CPU, not by a wire, and the host's speed drifts from minute to minute (per-round ratios of one run \
+             spread over tens of percent on the TCP row). Rounds pair the gateways in time to cancel that; more \
+             rounds narrow the median.\n\n",
         );
         s.push_str("## End to end\n\n");
         s.push_str(
