@@ -130,13 +130,6 @@ impl Dataplane {
         &mut self,
         destinations: &[(Ipv4Net, u32)],
     ) -> Result<usize, DataplaneError> {
-        let verdict = |addr: Ipv4Addr| {
-            destinations
-                .iter()
-                .filter(|(net, _)| net.contains(&addr))
-                .max_by_key(|(net, _)| net.prefix_len())
-                .map(|(_, action)| *action)
-        };
         let contradicting: Vec<(FlowKey, FlowEntry)> = {
             let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
             flows
@@ -144,11 +137,7 @@ impl Dataplane {
                 .filter_map(Result::ok)
                 .filter(|(key, entry)| {
                     let remote = Ipv4Addr::from(key.remote_addr.to_ne_bytes());
-                    match verdict(remote) {
-                        Some(DESTINATION_PASS) => true,
-                        Some(id) => id != u32::from(entry.uplink_id),
-                        None => false,
-                    }
+                    contradicts(destinations, remote, entry.uplink_id)
                 })
                 .collect()
         };
@@ -277,6 +266,21 @@ impl Dataplane {
     }
 }
 
+/// Whether a flow to `remote` on uplink `uplink_id` contradicts `destinations` as the programs
+/// read them (longest prefix wins): the destination is passed, or forced onto another uplink.
+fn contradicts(destinations: &[(Ipv4Net, u32)], remote: Ipv4Addr, uplink_id: u8) -> bool {
+    let verdict = destinations
+        .iter()
+        .filter(|(net, _)| net.contains(&remote))
+        .max_by_key(|(net, _)| net.prefix_len())
+        .map(|(_, action)| *action);
+    match verdict {
+        Some(DESTINATION_PASS) => true,
+        Some(id) => id != u32::from(uplink_id),
+        None => false,
+    }
+}
+
 /// The reverse-NAT key a flow's replies carry.
 pub fn reverse_key(key: &FlowKey, entry: &FlowEntry) -> ReverseKey {
     ReverseKey {
@@ -366,5 +370,30 @@ impl Dataplane {
             );
         }
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_that_contradict_the_destinations_are_found_by_longest_prefix() {
+        let net = |text: &str| text.parse::<Ipv4Net>().unwrap_or_default();
+        let destinations = [
+            (net("198.18.0.0/24"), DESTINATION_PASS),
+            (net("198.18.1.0/24"), 1),
+            (net("198.18.1.1/32"), DESTINATION_PASS),
+        ];
+        let addr = |text: &str| text.parse::<Ipv4Addr>().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // Now part of the LAN: passed, whatever the uplink.
+        assert!(contradicts(&destinations, addr("198.18.0.7"), 2));
+        // A modem's subnet: only its own uplink may carry flows there.
+        assert!(contradicts(&destinations, addr("198.18.1.9"), 2));
+        assert!(!contradicts(&destinations, addr("198.18.1.9"), 1));
+        // The gateway's own address inside that subnet: passed, the /32 wins over the /24.
+        assert!(contradicts(&destinations, addr("198.18.1.1"), 1));
+        // The internet: balanced, any uplink.
+        assert!(!contradicts(&destinations, addr("198.18.9.1"), 3));
     }
 }
