@@ -51,7 +51,7 @@ pub struct ReverseKey {
 pub struct ReverseEntry {
     pub flow: FlowKey,
     /// Coarse monotonic time of the last reply; a flow whose client is silent while its
-    /// remote still sends is not idle (see `policy::last_activity_ns`).
+    /// remote still sends is not idle (see `policy::flow_expired_with_replies`).
     pub last_reply_ns: u64,
     /// The flow's mark, put on its replies.
     pub mark: u32,

@@ -65,7 +65,7 @@ pub fn flow_timeout_ns(entry: &FlowEntry, protocol: u8, settings: &Settings) -> 
 /// counts as idle for zero time.
 #[inline(always)]
 pub fn flow_expired(entry: &FlowEntry, protocol: u8, settings: &Settings, now_ns: u64) -> bool {
-    now_ns.saturating_sub(entry.last_seen_ns) > flow_timeout_ns(entry, protocol, settings)
+    flow_expired_with_replies(entry, 0, protocol, settings, now_ns)
 }
 
 /// [`flow_expired`], with the flow's last reply (`ReverseEntry::last_reply_ns`, which ordinary

@@ -152,7 +152,11 @@ impl Dataplane {
 
     /// Removes flow `key` and its reverse half; the latter only while it still belongs to this
     /// flow, since the programs may have handed a closed flow's port to a new flow meanwhile.
-    fn remove_flow(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<bool, DataplaneError> {
+    pub(super) fn remove_flow(
+        &mut self,
+        key: &FlowKey,
+        entry: &FlowEntry,
+    ) -> Result<bool, DataplaneError> {
         let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
         let removed = flows.remove(key).is_ok();
         let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =

@@ -12,12 +12,12 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use aya::maps::HashMap;
 use balancer_common::{
-    flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseEntry, ReverseKey},
+    flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP},
     maps as names,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::{Dataplane, DataplaneError, maps::typed, reverse_key};
+use super::{Dataplane, DataplaneError, maps::typed};
 use crate::packet::internet_checksum;
 
 impl Dataplane {
@@ -100,14 +100,8 @@ impl Dataplane {
                 Err(error) => tracing::warn!(%client, %error, "sending a reset to a LAN client"),
             }
         }
-        let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =
-            typed(&mut self.ebpf, names::NAT_REVERSE)?;
         for (key, entry) in &stuck {
-            let _ = reverse.remove(&reverse_key(key, entry));
-        }
-        let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
-        for (key, _) in &stuck {
-            let _ = flows.remove(key);
+            self.remove_flow(key, entry)?;
         }
         Ok(sent)
     }
