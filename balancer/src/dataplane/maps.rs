@@ -113,20 +113,13 @@ impl Dataplane {
             trie.insert(&key(net), action, 0)
                 .map_err(write_error(names::DESTINATIONS))?;
         }
-        let removed = self.remove_flows_against(destinations)?;
-        if removed > 0 {
-            tracing::info!(
-                removed,
-                "removed flows to destinations that are no longer balanced"
-            );
-        }
         Ok(())
     }
 
     /// Removes the flows that contradict `destinations`: to a destination now passed, or forced
     /// onto another uplink. The programs consult `DESTINATIONS` only for packets without a
     /// live flow, so a flow created before its destination's entry would otherwise go on.
-    fn remove_flows_against(
+    pub(super) fn remove_flows_against(
         &mut self,
         destinations: &[(Ipv4Net, u32)],
     ) -> Result<usize, DataplaneError> {

@@ -301,11 +301,26 @@ impl Dataplane {
     pub fn apply(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
         self.track_rotation(desired);
         if self.written.as_ref() != Some(desired) {
+            let destinations_changed = self
+                .written
+                .as_ref()
+                .is_none_or(|written| written.destinations != desired.destinations);
             self.write_settings(&desired.settings)?;
             self.write_uplinks(desired)?;
             self.write_destinations(&desired.destinations)?;
             self.write_schedule(&desired.schedule)?;
             self.written = Some(desired.clone());
+            // A scan of every flow: only when the list changed (not on every failover, which
+            // rewrites the uplinks and schedule), and after the schedule is in place.
+            if destinations_changed {
+                let removed = self.remove_flows_against(&desired.destinations)?;
+                if removed > 0 {
+                    tracing::info!(
+                        removed,
+                        "removed flows to destinations that are no longer balanced"
+                    );
+                }
+            }
         }
         self.attach_all(desired)
     }
