@@ -85,7 +85,7 @@ pub struct RunOptions {
 
 struct Daemon {
     /// Feeds the forward proxy the uplinks' usability after each reconcile.
-    proxy_feed: Option<tokio::sync::watch::Sender<Vec<crate::proxy::ProxyUplink>>>,
+    proxy_feed: Option<crate::proxy::Feed>,
     config: Config,
     config_path: String,
     netlink: Netlink,
@@ -127,7 +127,14 @@ impl Daemon {
             .map(|d| d.unavailable.clone())
             .unwrap_or_default();
         let uplinks = self.uplink_status(&observed, &unavailable);
-        crate::proxy::feed(&self.proxy_feed, &self.config, &uplinks, &observed.down);
+        let refused = crate::proxy::refused_networks(&self.config, &observed);
+        crate::proxy::feed(
+            &self.proxy_feed,
+            &self.config,
+            &uplinks,
+            &observed.down,
+            refused,
+        );
         if let Ok(mut status) = self.status.lock() {
             status.uplinks = uplinks;
         }
@@ -299,7 +306,7 @@ async fn serve(
     // it serves once the first apply has installed the routes its sockets leave by.
     let (proxy_feed, proxy) = match config.proxy.clone() {
         Some(settings) => {
-            let (feed, uplinks) = tokio::sync::watch::channel(Vec::new());
+            let (feed, uplinks) = tokio::sync::watch::channel(Default::default());
             let proxy = crate::proxy::Proxy::bind(&config, settings, uplinks)
                 .await
                 .map_err(DaemonError::Proxy)?;
@@ -352,7 +359,7 @@ async fn serve(
         "configuration applied"
     );
     if let Some(proxy) = proxy {
-        proxy.spawn(status.clone());
+        proxy.spawn(status.clone()).map_err(DaemonError::Proxy)?;
     }
     let monitor = health::spawn(&daemon.config);
     let mut verdicts = monitor.verdicts.clone();

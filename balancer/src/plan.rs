@@ -233,6 +233,22 @@ fn readiness(
     })
 }
 
+/// The addresses on the LAN interfaces, where the forward proxy may listen.
+pub fn lan_addresses(config: &Config, observed: &Observed) -> Vec<std::net::Ipv4Addr> {
+    let indexes: Vec<u32> = config
+        .lan
+        .interfaces
+        .iter()
+        .filter_map(|name| observed.interface(name).map(|i| i.index))
+        .collect();
+    observed
+        .addresses
+        .iter()
+        .filter(|a| indexes.contains(&a.ifindex))
+        .map(|a| a.network.addr())
+        .collect()
+}
+
 /// Works out the desired state, checking the config against the live interfaces and addresses.
 pub fn desired(
     config: &Config,
@@ -245,6 +261,14 @@ pub fn desired(
                 &format!("lan.interfaces[{index}]"),
                 format!("there is no interface {name}"),
             ));
+        }
+    }
+    if strictness == Strictness::Strict
+        && let Some(proxy) = &config.proxy
+    {
+        let lan_addresses: Vec<std::net::Ipv4Addr> = lan_addresses(config, observed);
+        if let Some(problem) = crate::config::proxy::listen_problem(proxy.listen, &lan_addresses) {
+            return Err(config.error("proxy.listen", problem));
         }
     }
     if strictness == Strictness::Strict

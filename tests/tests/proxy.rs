@@ -9,6 +9,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+// Shared with the other proxy test files, which use other parts of it.
+#[allow(dead_code)]
 #[path = "proxy/support.rs"]
 mod support;
 
@@ -106,38 +108,15 @@ fn requests_spread_by_weight_and_resolve_through_their_uplink() {
     assert!(text.contains("proxy:") && text.contains("isp3"), "{text}");
 }
 
-/// Every refusal is an HTTP status with a reason: outside the LAN, forbidden CONNECT ports,
+/// Every refusal is an HTTP status with a reason: forbidden CONNECT ports,
 /// the gateway itself, loopback and link-local, conflicting framing, heads too big or too slow.
 #[test]
 fn refusals() {
     let gw = ProxyLab::up(
         "pxb",
-        "listen = \"0.0.0.0:3128\"\nheader_timeout = \"2s\"\nmax_header_bytes = 16384",
+        "listen = \"198.18.0.1:3128\"\nheader_timeout = \"2s\"\nmax_header_bytes = 16384",
     );
     let lab = &gw.lab;
-
-    // An ISP router is not on the LAN; it can reach the proxy on the uplink address.
-    let outsider = lab
-        .exec(
-            &lab.isp(1),
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "-w",
-                "\n%{http_code}",
-                "--proxy",
-                "http://198.18.1.2:3128",
-                WHOAMI_URL,
-            ],
-        )
-        .unwrap();
-    let outsider = String::from_utf8_lossy(&outsider.stdout).into_owned();
-    assert!(
-        outsider.ends_with("\n403") && outsider.contains("LAN"),
-        "{outsider:?}"
-    );
 
     let forbidden_port = gw.curl(1, &["-p", "http://198.18.9.1:9000/"]);
     assert_eq!(forbidden_port.connect_code, 403, "{forbidden_port:?}");
@@ -217,7 +196,7 @@ fn refusals() {
     );
 
     let refused = gw.status()["proxy"]["refused"].as_u64().unwrap_or(0);
-    assert!(refused >= 9, "refusals counted: {refused}");
+    assert!(refused >= 8, "refusals counted: {refused}");
 }
 
 /// sticky-site keeps a (client, site) on one uplink across names of the same registrable

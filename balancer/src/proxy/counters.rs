@@ -36,6 +36,10 @@ pub struct Counters {
     uplinks: Mutex<BTreeMap<u32, std::sync::Arc<UplinkCounters>>>,
     pub connections: AtomicU64,
     pub refused: AtomicU64,
+    /// Connections from outside the LAN networks, closed at accept.
+    pub strangers: AtomicU64,
+    /// Connections over `max_client_connections` or `max_connections`, closed at accept.
+    pub over_limit: AtomicU64,
 }
 
 impl Counters {
@@ -71,6 +75,8 @@ impl Counters {
         ProxyStatus {
             connections: load(&self.connections),
             refused: load(&self.refused),
+            strangers: load(&self.strangers),
+            over_limit: load(&self.over_limit),
             uplinks,
         }
     }
@@ -83,6 +89,12 @@ pub struct ProxyStatus {
     pub connections: u64,
     /// Requests refused with a 4xx/5xx by the proxy itself (not by a server).
     pub refused: u64,
+    /// Connections from outside the LAN networks, closed at accept without an answer.
+    #[serde(default)]
+    pub strangers: u64,
+    /// Connections over the per-client or total cap, closed at accept.
+    #[serde(default)]
+    pub over_limit: u64,
     pub uplinks: Vec<ProxyUplinkStatus>,
 }
 
@@ -108,9 +120,11 @@ pub struct ProxyUplinkStatus {
 pub fn table(status: &ProxyStatus) -> String {
     use std::fmt::Write as _;
     let mut text = format!(
-        "proxy: {} connection(s), {} refused\n{:<12} {:>3} {:>9} {:>8} {:>14} {:>14} {:>7} {:>6}\n",
+        "proxy: {} connection(s), {} refused, {} stranger(s) and {} over the limits closed\n{:<12} {:>3} {:>9} {:>8} {:>14} {:>14} {:>7} {:>6}\n",
         status.connections,
         status.refused,
+        status.strangers,
+        status.over_limit,
         "UPLINK",
         "ID",
         "REQUESTS",

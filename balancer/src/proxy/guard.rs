@@ -1,7 +1,9 @@
 //! Where the proxy refuses to go: the gateway itself, loopback, link-local and other addresses
-//! that are not the internet. Checked on the exact address after name resolution, so a name
-//! that resolves to 127.0.0.1 (DNS rebinding) is caught like a literal one.
+//! that are not the internet (always), and the office's own networks (unless `proxy.allow`
+//! opens them). Checked on the exact address after name resolution, so a name that resolves to
+//! 127.0.0.1 or a LAN host (DNS rebinding) is caught like a literal one.
 
+use ipnet::Ipv4Net;
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::Mutex,
@@ -27,6 +29,14 @@ pub fn forbidden(address: Ipv4Addr, local: &[Ipv4Addr]) -> Option<&'static str> 
     } else {
         None
     }
+}
+
+/// The refused network holding `address`, unless an `allow` network opens it.
+pub fn refused_by(address: Ipv4Addr, refused: &[Ipv4Net], allow: &[Ipv4Net]) -> Option<Ipv4Net> {
+    if allow.iter().any(|net| net.contains(&address)) {
+        return None;
+    }
+    refused.iter().find(|net| net.contains(&address)).copied()
 }
 
 /// The gateway's own IPv4 addresses, refreshed every [`LOCAL_CACHE`].
@@ -90,6 +100,19 @@ mod tests {
             assert_eq!(forbidden(address, &local).is_some(), refused, "{address}");
         }
         assert!(literal("[::1]").is_some_and(|a| a.is_ipv6()));
+    }
+
+    #[test]
+    fn office_networks_are_refused_unless_allowed() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap_or_default();
+        let refused = [net("198.18.0.0/24"), net("198.18.1.0/24")];
+        let host = Ipv4Addr::new(198, 18, 0, 12);
+        assert_eq!(refused_by(host, &refused, &[]), Some(refused[0]));
+        assert_eq!(refused_by(host, &refused, &[net("198.18.0.12/32")]), None);
+        assert_eq!(
+            refused_by(Ipv4Addr::new(198, 18, 9, 1), &refused, &[]),
+            None
+        );
         assert!(literal("example.com").is_none());
     }
 }

@@ -149,6 +149,17 @@ impl<T> Watched<T> {
         }
     }
 
+    /// Activity only: the client side of an upgraded (WebSocket) connection.
+    pub fn plain(inner: T, activity: Arc<Activity>) -> Self {
+        activity.touch();
+        Watched {
+            inner,
+            activity,
+            window: None,
+            counters: None,
+        }
+    }
+
     pub fn upstream(inner: T, activity: Arc<Activity>, counters: Arc<UplinkCounters>) -> Self {
         activity.touch();
         Watched {

@@ -2,21 +2,31 @@
 //! tunnels) whose upstream connections leave by the uplinks, each bound to an uplink's source
 //! address so the `from <source>` policy rules carry it.
 //!
-//! One module per concern: `listener` (accepting, limits, timeouts), `http` (requests,
-//! tunnels, refusals), `policy` (which uplink), `upstream` (resolve, check, connect, race),
-//! `dns` (queries out of an uplink), `guard` (forbidden destinations), `io` (activity and raw
-//! head window), `counters` (per-uplink counters for `balancer status`).
+//! One module per concern: `listener` (accepting, who may connect, limits, timeouts), `http`
+//! (dispatch and refusals), `forward` (plain requests and WebSocket upgrades), `tunnel`
+//! (CONNECT), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
+//! uplink), `upstream` (resolve, check, connect, race), `dns` (queries out of an uplink),
+//! `guard` (forbidden and refused destinations), `pac` (the proxy auto-config file),
+//! `access_log` (one line per request), `io` (activity and raw head window), `counters`
+//! (per-uplink counters for `balancer status`).
 //!
 //! The proxy only reports observations; it never writes routes. It learns which uplinks are
-//! usable from a watch channel the daemon feeds after each reconcile.
+//! usable, and which networks it refuses, from a watch channel the daemon feeds after each
+//! reconcile. It runs on worker threads of its own, so its load never delays the control loop
+//! or the health probes.
 
+mod access_log;
 mod counters;
 mod dns;
+mod forward;
 mod guard;
+mod headers;
 mod http;
 mod io;
 mod listener;
+mod pac;
 mod policy;
+mod tunnel;
 mod upstream;
 
 use std::{
@@ -32,11 +42,29 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     config::{Config, proxy::Proxy as Settings},
+    plan::Observed,
     state::{Status, UplinkStatus},
 };
 
 /// How often the counters are copied into the status document.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+/// The proxy's own worker threads: enough to use both cores of a small gateway, never so many
+/// that it starves the daemon's.
+const WORKER_THREADS: usize = 2;
+/// File descriptors per client beyond the client socket: the upstream socket and a spare
+/// handle on the client socket (for the 408 answer).
+const FDS_PER_CLIENT: u64 = 3;
+
+/// What the daemon tells the proxy after each reconcile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub uplinks: Vec<ProxyUplink>,
+    /// Destinations refused unless `proxy.allow` opens them: see [`refused_networks`].
+    pub refused: Vec<Ipv4Net>,
+}
+
+/// The sending half the daemon keeps.
+pub type Feed = watch::Sender<View>;
 
 /// What the proxy needs to know about an uplink.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,19 +81,31 @@ pub struct ProxyUplink {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("listening on {address} for the proxy")]
+    #[error("listening on {address} on LAN interface {interface} for the proxy")]
     Listen {
         address: SocketAddrV4,
+        interface: String,
         #[source]
         source: std::io::Error,
     },
+    #[error("opening the proxy's access log {path}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the proxy's worker threads")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// State shared by every connection.
 struct Shared {
     settings: Settings,
     lan: Vec<Ipv4Net>,
-    uplinks: watch::Receiver<Vec<ProxyUplink>>,
+    view: watch::Receiver<View>,
+    /// Our Via pseudonym; a request that already carries it has looped back to us.
+    via: String,
+    access_log: Option<access_log::AccessLog>,
     chooser: Mutex<policy::Chooser>,
     counters: counters::Counters,
     local: guard::LocalAddresses,
@@ -74,7 +114,9 @@ struct Shared {
 
 /// A bound proxy, not yet serving.
 pub struct Proxy {
-    listener: TcpListener,
+    /// One per LAN interface, each bound to its interface, so nothing that arrives through an
+    /// uplink reaches the proxy even when it is addressed to the LAN address.
+    listeners: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -84,21 +126,37 @@ impl Proxy {
     pub async fn bind(
         config: &Config,
         settings: Settings,
-        uplinks: watch::Receiver<Vec<ProxyUplink>>,
+        view: watch::Receiver<View>,
     ) -> Result<Proxy, ProxyError> {
-        let listener = listener::bind(settings.listen, settings.limits.max_connections)?;
+        let listeners = config
+            .lan
+            .interfaces
+            .iter()
+            .map(|interface| {
+                listener::bind(settings.listen, interface, settings.limits.max_connections)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let access_log = settings
+            .access_log
+            .clone()
+            .map(access_log::AccessLog::open)
+            .transpose()?;
+        raise_file_limit(settings.limits.max_connections);
         let chooser = policy::Chooser::new(settings.policy, settings.sticky_timeout);
         let names = config
             .uplinks
             .iter()
             .map(|u| (u.id, u.name.clone()))
             .collect();
+        let via = headers::pseudonym(settings.listen);
         Ok(Proxy {
-            listener,
+            listeners,
             shared: Arc::new(Shared {
                 settings,
                 lan: config.lan.networks.clone(),
-                uplinks,
+                view,
+                via,
+                access_log,
                 chooser: Mutex::new(chooser),
                 counters: counters::Counters::default(),
                 local: guard::LocalAddresses::default(),
@@ -107,9 +165,35 @@ impl Proxy {
         })
     }
 
-    /// Serves clients, and keeps `status.proxy` up to date, until the runtime ends.
-    pub fn spawn(self, status: Arc<Mutex<Status>>) {
+    /// Serves clients on the proxy's own worker threads, and keeps `status.proxy` up to date,
+    /// until the process ends.
+    pub fn spawn(self, status: Arc<Mutex<Status>>) -> Result<(), ProxyError> {
         tracing::info!(listen = %self.shared.settings.listen, policy = ?self.shared.settings.policy, "proxy serving");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKER_THREADS)
+            .thread_name("proxy")
+            .enable_all()
+            .build()
+            .map_err(ProxyError::Runtime)?;
+        let shared = self.shared.clone();
+        let admission = Arc::new(listener::Admission::new(&shared.settings.limits));
+        for listener in self.listeners {
+            let shared = shared.clone();
+            let admission = admission.clone();
+            runtime.spawn(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => listener::serve(listener, shared, admission).await,
+                    Err(error) => tracing::error!(%error, "proxy listener lost"),
+                }
+            });
+        }
+        if let Some(log) = &shared.access_log {
+            runtime.spawn(log.clone().reopen_on_sighup());
+        }
+        std::thread::Builder::new()
+            .name("proxy".into())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))
+            .map_err(ProxyError::Runtime)?;
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
@@ -121,8 +205,54 @@ impl Proxy {
                 }
             }
         });
-        tokio::spawn(listener::serve(self.listener, self.shared));
+        Ok(())
     }
+}
+
+/// Raises the soft (and if need be the hard) limit on open files so `max_connections` clients
+/// fit: under systemd's default of 1,024 the proxy would fail near 330 clients.
+fn raise_file_limit(max_connections: u32) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let wanted = u64::from(max_connections) * FDS_PER_CLIENT + 1024;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= wanted {
+        return;
+    }
+    let hard = hard.max(wanted);
+    if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard)
+        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard.min(wanted), hard))
+    {
+        tracing::warn!(%error, wanted, soft, "cannot raise the open file limit for the proxy");
+    }
+}
+
+/// The destinations the proxy refuses unless `proxy.allow` opens them: the LAN networks and
+/// each uplink's subnet (the modems' admin pages), so the proxy, which connects from the
+/// gateway itself, is no way around the firewall between office segments. Office destinations
+/// (routes through non-uplink interfaces) belong here too.
+pub fn refused_networks(config: &Config, observed: &Observed) -> Vec<Ipv4Net> {
+    let mut refused = config.lan.networks.clone();
+    for uplink in &config.uplinks {
+        let Some(link) = observed
+            .links
+            .iter()
+            .find(|l| l.interface.name == uplink.interface)
+        else {
+            continue;
+        };
+        refused.extend(
+            observed
+                .addresses
+                .iter()
+                .filter(|a| a.ifindex == link.interface.index)
+                .map(|a| a.network.trunc()),
+        );
+    }
+    refused.sort();
+    refused.dedup();
+    refused
 }
 
 /// The proxy's view of the uplinks after a reconcile: usable when the daemon's last observation
@@ -146,16 +276,20 @@ pub fn uplinks_from(config: &Config, observed: &[UplinkStatus], down: &[u32]) ->
         .collect()
 }
 
-/// Sends the uplinks' state to a running proxy, if there is one.
+/// Sends the uplinks' state and the refused networks to a running proxy, if there is one.
 pub fn feed(
-    feed: &Option<watch::Sender<Vec<ProxyUplink>>>,
+    feed: &Option<Feed>,
     config: &Config,
     observed: &[UplinkStatus],
     down: &[u32],
+    refused: Vec<Ipv4Net>,
 ) {
     if let Some(feed) = feed {
         feed.send_if_modified(|current| {
-            let next = uplinks_from(config, observed, down);
+            let next = View {
+                uplinks: uplinks_from(config, observed, down),
+                refused,
+            };
             let changed = *current != next;
             *current = next;
             changed

@@ -28,6 +28,12 @@ pub enum UpstreamError {
         address: Ipv4Addr,
         reason: &'static str,
     },
+    #[error("{host} is {address}, in {network}, an office network the proxy does not reach")]
+    Refused {
+        host: String,
+        address: Ipv4Addr,
+        network: ipnet::Ipv4Net,
+    },
     #[error("IPv6 destinations are not supported")]
     Ipv6,
     #[error("resolving {host} through uplink {uplink}")]
@@ -58,6 +64,7 @@ impl UpstreamError {
         matches!(
             self,
             UpstreamError::Forbidden { .. }
+                | UpstreamError::Refused { .. }
                 | UpstreamError::Ipv6
                 | UpstreamError::Dns {
                     source: DnsError::BadName { .. },
@@ -72,6 +79,19 @@ pub struct Connected {
     pub stream: TcpStream,
     pub uplink: ProxyUplink,
     pub counters: Arc<UplinkCounters>,
+    /// To an office destination `proxy.allow` opened: by the main table, not the uplink.
+    pub direct: bool,
+}
+
+impl Connected {
+    /// The name the access log gives the way out.
+    pub fn way(&self) -> String {
+        if self.direct {
+            "direct".to_string()
+        } else {
+            self.uplink.name.clone()
+        }
+    }
 }
 
 /// Connects to `host:port` for `client` through the policy's uplink, racing a second one when
@@ -84,7 +104,7 @@ pub async fn connect(
     port: u16,
 ) -> Result<Connected, UpstreamError> {
     let limits = &shared.settings.limits;
-    let uplinks = shared.uplinks.borrow().clone();
+    let uplinks = shared.view.borrow().uplinks.clone();
     let chosen = shared
         .chooser
         .lock()
@@ -174,10 +194,11 @@ async fn attempt(
         UplinkCounters::add(&counters.upstream_errors, 1);
         tracing::debug!(uplink = %uplink.name, error = %crate::daemon::error_chain(error), "upstream attempt failed");
     }
-    result.map(|stream| Connected {
+    result.map(|(stream, direct)| Connected {
         stream,
         uplink: uplink.clone(),
         counters,
+        direct,
     })
 }
 
@@ -187,7 +208,7 @@ async fn attempt_inner(
     counters: &UplinkCounters,
     host: &str,
     port: u16,
-) -> Result<TcpStream, UpstreamError> {
+) -> Result<(TcpStream, bool), UpstreamError> {
     let addresses = match guard::literal(host) {
         Some(IpAddr::V4(address)) => vec![address],
         Some(IpAddr::V6(_)) => return Err(UpstreamError::Ipv6),
@@ -216,11 +237,25 @@ async fn attempt_inner(
             reason,
         });
     }
+    let refused = shared.view.borrow().refused.clone();
+    if let Some((address, network)) = addresses.iter().find_map(|a| {
+        guard::refused_by(*a, &refused, &shared.settings.allow).map(|network| (*a, network))
+    }) {
+        return Err(UpstreamError::Refused {
+            host: host.to_string(),
+            address,
+            network,
+        });
+    }
+    // An office destination that proxy.allow opens is not on the internet: it is reached by
+    // the main table, not out of an uplink.
+    let office = |a: &Ipv4Addr| refused.iter().any(|net| net.contains(a));
     let mut last = None;
     for address in addresses {
         let target = SocketAddrV4::new(address, port);
-        match connect_from(uplink.source, target).await {
-            Ok(stream) => return Ok(stream),
+        let source = (!office(&address)).then_some(uplink.source);
+        match connect_from(source, target).await {
+            Ok(stream) => return Ok((stream, source.is_none())),
             Err(source) => {
                 last = Some(UpstreamError::Connect {
                     address: target,
@@ -237,8 +272,16 @@ async fn attempt_inner(
 /// IP_BIND_ADDRESS_NO_PORT defers the port choice to connect(), where the kernel can reuse a
 /// port per destination instead of reserving one per bind: thousands of upstream connections
 /// do not exhaust the local port range.
-async fn connect_from(source: Ipv4Addr, target: SocketAddrV4) -> std::io::Result<TcpStream> {
+async fn connect_from(
+    source: Option<Ipv4Addr>,
+    target: SocketAddrV4,
+) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
+    let Some(source) = source else {
+        let stream = socket.connect(SocketAddr::V4(target)).await?;
+        stream.set_nodelay(true)?;
+        return Ok(stream);
+    };
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a pointer to an int that lives across the call.
     let rc = unsafe {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use balancer_tests::{
-    lab::{DNS_ADDR, Lab, LabSpec},
+    lab::{DNS_ADDR, LAN_NETWORK, Lab, LabSpec},
     process::ChildGuard,
 };
 
@@ -21,6 +21,8 @@ pub const PROXY: &str = "http://198.18.0.1:3128";
 pub struct ProxyLab {
     pub lab: Lab,
     pub daemon: Option<ChildGuard>,
+    /// Replaces the lab's LAN network in `[lan] networks` when set.
+    pub lan_networks: Option<String>,
 }
 
 impl ProxyLab {
@@ -29,18 +31,37 @@ impl ProxyLab {
     pub fn up(tag: &str, proxy_keys: &str) -> ProxyLab {
         let lab =
             Lab::up(LabSpec::new(&prefix(tag), 3)).unwrap_or_else(|e| panic!("lab up: {e:#}"));
-        let mut gw = ProxyLab { lab, daemon: None };
+        let mut gw = ProxyLab {
+            lab,
+            daemon: None,
+            lan_networks: None,
+        };
+        gw.start(proxy_keys);
+        gw
+    }
+
+    /// As [`ProxyLab::up`], with `[lan] networks` set to `networks` (a TOML array's inside).
+    pub fn up_with_lan(tag: &str, proxy_keys: &str, networks: &str) -> ProxyLab {
+        let lab =
+            Lab::up(LabSpec::new(&prefix(tag), 3)).unwrap_or_else(|e| panic!("lab up: {e:#}"));
+        let mut gw = ProxyLab {
+            lab,
+            daemon: None,
+            lan_networks: Some(networks.to_string()),
+        };
         gw.start(proxy_keys);
         gw
     }
 
     pub fn start(&mut self, proxy_keys: &str) {
-        let text = format!(
-            "{}\n[proxy]\n{proxy_keys}\n",
-            self.lab
-                .balancer_config_toml()
-                .replace("weight =", &format!("dns = [\"{DNS_ADDR}\"]\nweight ="))
-        );
+        let mut base = self
+            .lab
+            .balancer_config_toml()
+            .replace("weight =", &format!("dns = [\"{DNS_ADDR}\"]\nweight ="));
+        if let Some(networks) = &self.lan_networks {
+            base = base.replace(&format!("\"{LAN_NETWORK}\""), networks);
+        }
+        let text = format!("{base}\n[proxy]\n{proxy_keys}\n");
         let config = write_config(&self.lab, "balancer.toml", &text);
         self.daemon = Some(start_daemon(&self.lab, &config));
         // The proxy serves once the first apply is done, which the status answer follows.

@@ -1,0 +1,69 @@
+//! CONNECT tunnels: only to `connect_ports`, through the policy's uplink, copied both ways until
+//! either side ends or nothing moves for the idle timeout; logged when they end.
+
+use std::sync::Arc;
+
+use hyper::{Request, Response, StatusCode, body::Incoming};
+use hyper_util::rt::TokioIo;
+
+use super::{
+    counters::UplinkCounters,
+    http::{Body, ConnContext, Record, full, refuse, target, upstream_refusal},
+    io::{Activity, Watched},
+    upstream,
+};
+
+pub(super) async fn tunnel(
+    context: Arc<ConnContext>,
+    request: Request<Incoming>,
+    record: &mut Record,
+) -> Response<Body> {
+    let shared = &context.shared;
+    let Some((host, port)) = target(request.uri(), None) else {
+        return refuse(
+            shared,
+            StatusCode::BAD_REQUEST,
+            "CONNECT needs host:port as its target",
+        );
+    };
+    if !shared.settings.connect_ports.contains(&port) {
+        return refuse(
+            shared,
+            StatusCode::FORBIDDEN,
+            &format!("CONNECT to port {port} is not allowed (proxy.connect_ports)"),
+        );
+    }
+    let connected = match upstream::connect(shared, context.client.ip(), &host, port).await {
+        Ok(connected) => connected,
+        Err(error) => return upstream_refusal(shared, &error),
+    };
+    UplinkCounters::add(&connected.counters.tunnels, 1);
+    let idle = shared.settings.limits.idle_timeout;
+    let slot = context.slot.clone();
+    let log = shared.access_log.clone();
+    let mut entry = record.entry.clone();
+    entry.uplink = Some(connected.way());
+    entry.status = 200;
+    entry.host = host;
+    let clock = record.clock;
+    record.deferred = true;
+    tokio::spawn(async move {
+        let _slot = slot;
+        let Ok(upgraded) = hyper::upgrade::on(request).await else {
+            return;
+        };
+        let mut client = TokioIo::new(upgraded);
+        let activity = Activity::new();
+        let mut server = Watched::upstream(connected.stream, activity.clone(), connected.counters);
+        let moved = tokio::select! {
+            moved = tokio::io::copy_bidirectional(&mut client, &mut server) => moved.ok(),
+            () = activity.idle(idle) => None,
+        };
+        if let Some(log) = log {
+            entry.bytes = moved.map_or(0, |(_, down)| down);
+            entry.elapsed = clock.elapsed();
+            log.record(&entry);
+        }
+    });
+    Response::new(full(String::new()))
+}
