@@ -1,0 +1,77 @@
+//! A small origin server for the proxy's HTTP tests, listening in a lab namespace: it records
+//! every request head it receives (what the origin saw is the assertion) and answers by path:
+//!
+//! - `/head`: the request head as the body;
+//! - `/both`: a chunked body `hello` with a wrong `Content-Length: 3` beside it;
+//! - `/once`: answers the first request on a connection, then closes the connection when the
+//!   next request arrives, without answering (a server that dropped a kept connection).
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::support::in_namespace;
+
+pub struct Origin {
+    pub heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Origin {
+    /// Listens on `address` inside namespace `ns`; serves until the test process ends.
+    pub fn start(ns: &str, address: &str) -> Origin {
+        let listener = in_namespace(ns, || TcpListener::bind(address).unwrap());
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let recorded = heads.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let recorded = recorded.clone();
+                std::thread::spawn(move || serve(stream, &recorded));
+            }
+        });
+        Origin { heads }
+    }
+
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+        if head.len() > 65_536 {
+            return None;
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn serve(mut stream: TcpStream, recorded: &Mutex<Vec<String>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut served = 0;
+    while let Some(head) = read_head(&mut stream) {
+        recorded.lock().unwrap().push(head.clone());
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let answer = match path.as_str() {
+            "/both" => "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
+            "/once" if served > 0 => return,
+            _ => format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{head}",
+                head.len()
+            ),
+        };
+        if stream.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+        served += 1;
+    }
+}

@@ -1,0 +1,225 @@
+//! Issue 12 items 3 to 5: HTTP as RFC 9110/9112 ask (what the origin sees: Host without
+//! userinfo, Via; loops refused; Max-Forwards; one framing per response; a request retried once
+//! when a kept upstream connection turns out closed), the access log (one line per request or
+//! tunnel, naming the client and the uplink the far end saw, reopened on SIGHUP) and the PAC
+//! file (the office networks DIRECT).
+//!
+//! Root only. The lab's prefix is `bal-pxr<pid>`; dropping the fixture stops the daemon, runs
+//! `balancer down` and removes the lab. The origin is a small server of the test's own in the
+//! internet namespace (tests/tests/proxy/origin.rs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[allow(dead_code)]
+#[path = "proxy/origin.rs"]
+mod origin;
+#[allow(dead_code)]
+#[path = "proxy/support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use origin::Origin;
+use support::*;
+
+const ORIGIN: &str = "198.18.9.1:8089";
+const WHOAMI_URL: &str = "http://198.18.9.1:8080/";
+
+#[test]
+fn headers_loops_framing_retry_access_log_and_pac() {
+    let mut gw = ProxyLab::up("pxr", "listen = \"198.18.0.1:3128\"");
+    let lab = &gw.lab;
+    let origin = Origin::start(&lab.inet(), ORIGIN);
+
+    // Userinfo never reaches Host; Via does.
+    let seen = gw.curl(1, &[&format!("http://alice:secret@{ORIGIN}/head")]);
+    assert_eq!(seen.code, 200, "{seen:?}\n{}", gw.log());
+    assert!(
+        seen.body.contains(&format!("host: {ORIGIN}\r\n"))
+            || seen.body.contains(&format!("Host: {ORIGIN}\r\n")),
+        "{:?}",
+        seen.body
+    );
+    assert!(!seen.body.contains("alice"), "{:?}", seen.body);
+    let via = seen
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("via: ").or_else(|| l.strip_prefix("Via: ")))
+        .unwrap_or_else(|| panic!("no Via at the origin: {:?}", seen.body))
+        .trim()
+        .to_string();
+    assert!(via.starts_with("1.1 balancer-"), "{via}");
+
+    // A request that already carries our Via has come round: refused, never forwarded.
+    let before = origin.heads().len();
+    let (looped, _) = raw_exchange(
+        &lab.client(1),
+        format!(
+            "GET http://{ORIGIN}/head HTTP/1.1\r\nHost: {ORIGIN}\r\nVia: 1.0 other, {via}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(3),
+    );
+    assert!(looped.starts_with("HTTP/1.1 508"), "{looped}");
+    assert!(looped.contains("loop"), "{looped}");
+    assert_eq!(origin.heads().len(), before, "the loop reached the origin");
+
+    // Max-Forwards: 0 ends at the proxy; 1 is forwarded as 0.
+    let (options, _) = raw_exchange(
+        &lab.client(1),
+        format!(
+            "OPTIONS http://{ORIGIN}/head HTTP/1.1\r\nHost: {ORIGIN}\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(3),
+    );
+    assert!(
+        options.starts_with("HTTP/1.1 200") && options.to_lowercase().contains("allow: "),
+        "{options}"
+    );
+    assert_eq!(
+        origin.heads().len(),
+        before,
+        "OPTIONS went past Max-Forwards: 0"
+    );
+    let trace = gw.curl(
+        1,
+        &[
+            "-X",
+            "TRACE",
+            "-H",
+            "Max-Forwards: 1",
+            &format!("http://{ORIGIN}/head"),
+        ],
+    );
+    assert_eq!(trace.code, 200, "{trace:?}");
+    assert!(
+        trace.body.to_lowercase().contains("max-forwards: 0"),
+        "{:?}",
+        trace.body
+    );
+
+    // Both framings from the server: Content-Length is dropped, the chunked body arrives whole.
+    let both = gw.curl(1, &[&format!("http://{ORIGIN}/both")]);
+    assert_eq!((both.code, both.body.as_str()), (200, "hello"), "{both:?}");
+
+    // The server closes the kept connection as the next request arrives: retried once.
+    let once = format!("http://{ORIGIN}/once");
+    let retried = gw.curl(1, &[&once, &once]);
+    assert_eq!(retried.code, 200, "{retried:?}\n{}", gw.log());
+    let once_heads = origin
+        .heads()
+        .iter()
+        .filter(|h| h.starts_with("GET /once "))
+        .count();
+    assert_eq!(once_heads, 3, "first, dropped, retried");
+
+    // The PAC file lists the office networks (LAN and the uplinks' subnets) as DIRECT.
+    for path in ["/proxy.pac", "/wpad.dat"] {
+        let pac = lab
+            .exec_ok(
+                &lab.client(1),
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    &format!("http://198.18.0.1:3128{path}"),
+                ],
+            )
+            .unwrap();
+        for network in ["198.18.0.0", "198.18.1.0", "198.18.2.0", "198.18.3.0"] {
+            assert!(
+                pac.contains(&format!(
+                    "isInNet(host, \"{network}\", \"255.255.255.0\")) return \"DIRECT\""
+                )),
+                "{path} lacks {network}: {pac}"
+            );
+        }
+        assert!(pac.contains("return \"PROXY 198.18.0.1:3128\""), "{pac}");
+    }
+
+    // The access log: one line per request or tunnel, naming the client and the uplink.
+    let log_path = lab.state_dir().join("access.log");
+    gw.stop();
+    gw.start(&format!(
+        "listen = \"198.18.0.1:3128\"\nconnect_ports = [8080]\naccess_log = \"{}\"",
+        log_path.display()
+    ));
+    let lab = &gw.lab;
+    let mut expected = Vec::new();
+    for _ in 0..5 {
+        let seen = gw.seen(1, &format!("{WHOAMI_URL}?token=secret"));
+        expected.push((
+            "GET",
+            lab.client_addr(1),
+            format!("isp{}", gw.uplink_of(*seen.ip())),
+        ));
+    }
+    let tunnel = gw.curl(2, &["-p", WHOAMI_URL]);
+    assert_eq!((tunnel.connect_code, tunnel.code), (200, 200), "{tunnel:?}");
+    let tunnel_uplink = gw.uplink_of(
+        tunnel
+            .body
+            .trim()
+            .parse::<std::net::SocketAddrV4>()
+            .unwrap()
+            .ip()
+            .to_owned(),
+    );
+    expected.push(("CONNECT", lab.client_addr(2), format!("isp{tunnel_uplink}")));
+    let refused = gw.curl(1, &["http://198.18.0.12:8088/"]);
+    assert_eq!(refused.code, 403);
+    expected.push(("GET", lab.client_addr(1), "-".to_string()));
+    let mut lines = Vec::new();
+    wait_until(Duration::from_secs(3), || {
+        lines = std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.len() >= expected.len()
+    });
+    // The tunnel is logged when it ends, so it may come after the refusal.
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    for (method, client, uplink) in &expected {
+        let found = lines.iter().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&client.to_string().as_str())
+                && fields.get(5) == Some(method)
+                && fields.last() == Some(&uplink.as_str())
+        });
+        assert!(
+            found,
+            "no line for {method} by {client} via {uplink}: {lines:#?}"
+        );
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains("token=secret")),
+        "query strings are left out: {lines:#?}"
+    );
+
+    // logrotate: the file is moved, SIGHUP, and the next line goes to a new file.
+    let rotated = lab.state_dir().join("access.log.1");
+    std::fs::rename(&log_path, &rotated).unwrap();
+    let pid = gw.status()["pid"].as_u64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = gw.curl(1, &[WHOAMI_URL]);
+    assert_eq!(after.code, 200, "{after:?}\n{}", gw.log());
+    wait_until(Duration::from_secs(3), || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 1
+    });
+    assert_eq!(
+        std::fs::read_to_string(&rotated).unwrap().lines().count(),
+        expected.len()
+    );
+}
