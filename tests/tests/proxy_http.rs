@@ -114,6 +114,52 @@ fn headers_loops_framing_retry_access_log_and_pac() {
         .count();
     assert_eq!(once_heads, 3, "first, dropped, retried");
 
+    // A WebSocket handshake in absolute form: 101 from the server, then both ways.
+    let echoed = in_namespace(&lab.client(1), || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect("198.18.0.1:3128").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET http://{ORIGIN}/ws HTTP/1.1\r\nHost: {ORIGIN}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        stream.write_all(b"ping-through-the-proxy").unwrap();
+        let mut echo = [0u8; 22];
+        let read = stream.read_exact(&mut echo).map(|()| echo.to_vec());
+        (String::from_utf8_lossy(&head).into_owned(), read)
+    });
+    assert!(echoed.0.starts_with("HTTP/1.1 101"), "{:?}", echoed.0);
+    assert!(
+        echoed.0.to_lowercase().contains("upgrade: websocket"),
+        "{:?}",
+        echoed.0
+    );
+    assert_eq!(
+        echoed.1.ok().as_deref(),
+        Some(&b"ping-through-the-proxy"[..]),
+        "the upgraded connection echoes"
+    );
+    let ws_head = origin
+        .heads()
+        .into_iter()
+        .find(|h| h.starts_with("GET /ws "))
+        .unwrap();
+    assert!(
+        ws_head.to_lowercase().contains("upgrade: websocket"),
+        "{ws_head}"
+    );
+
     // The PAC file lists the office networks (LAN and the uplinks' subnets) as DIRECT.
     for path in ["/proxy.pac", "/wpad.dat"] {
         let pac = lab

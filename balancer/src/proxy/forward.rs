@@ -19,6 +19,7 @@ use super::{
     headers::{self, MaxForwards},
     http::{Body, ConnContext, Record, full, refuse, target, upstream_refusal},
     io::{Activity, Watched},
+    tunnel::TUNNEL_BUFFER,
     upstream,
 };
 
@@ -175,6 +176,9 @@ pub(super) async fn forward(
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
         (client_upgrade, response.status())
     {
+        if let Ok(mut window) = context.window.lock() {
+            window.stop();
+        }
         splice_upgrade(context, client_upgrade, &mut response);
     } else if upgrade.is_none() {
         *context.upstream.lock().await = Some(Reusable {
@@ -268,7 +272,9 @@ fn splice_upgrade(
         let mut client = Watched::plain(TokioIo::new(client), activity.clone());
         let mut server = TokioIo::new(server);
         tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut client, &mut server, TUNNEL_BUFFER, TUNNEL_BUFFER,
+            ) => {}
             () = activity.idle(idle) => {}
         }
     });

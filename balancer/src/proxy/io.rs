@@ -61,6 +61,9 @@ impl Activity {
 pub struct Window {
     bytes: Vec<u8>,
     capacity: usize,
+    /// Off once the connection became a tunnel: no request head follows, so its bytes are
+    /// never copied here.
+    stopped: bool,
 }
 
 impl Window {
@@ -68,12 +71,24 @@ impl Window {
         Arc::new(Mutex::new(Window {
             bytes: Vec::new(),
             capacity: window_capacity(max_header_bytes),
+            stopped: false,
         }))
     }
 
+    /// The connection is a tunnel from now on (CONNECT or a protocol upgrade).
+    pub fn stop(&mut self) {
+        self.stopped = true;
+        self.bytes = Vec::new();
+    }
+
     fn push(&mut self, data: &[u8]) {
+        if self.stopped {
+            return;
+        }
         self.bytes.extend_from_slice(data);
-        if self.bytes.len() > self.capacity {
+        // Compacted only at twice the capacity, so a long body costs an amortised move per
+        // byte instead of a move of the whole window per read.
+        if self.bytes.len() > self.capacity * 2 {
             let excess = self.bytes.len() - self.capacity;
             self.bytes.drain(..excess);
         }
@@ -215,6 +230,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         result
     }
 
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buffers: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, buffers);
+        if let Poll::Ready(Ok(n)) = result
+            && n > 0
+        {
+            self.activity.touch();
+            if let Some(counters) = &self.counters {
+                UplinkCounters::add(&counters.bytes_up, n as u64);
+            }
+        }
+        result
+    }
+
+    /// hyper then hands a response's head and body over in one writev instead of copying them
+    /// into one buffer.
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -234,6 +272,7 @@ mod tests {
         let mut window = Window {
             bytes: Vec::new(),
             capacity: 1 << 16,
+            stopped: false,
         };
         window.push(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello");
         assert_eq!(window.take_conflict("POST"), Some(false));
@@ -247,8 +286,18 @@ mod tests {
         let mut window = Window {
             bytes: Vec::new(),
             capacity: 10,
+            stopped: false,
         };
         window.push(&[b'x'; 25]);
         assert_eq!(window.bytes.len(), 10);
+        window.push(&[b'x'; 5]);
+        assert_eq!(
+            window.bytes.len(),
+            15,
+            "compacted only past twice the capacity"
+        );
+        window.stop();
+        window.push(&[b'x'; 5]);
+        assert!(window.bytes.is_empty(), "a tunnel's bytes are not recorded");
     }
 }

@@ -4,7 +4,8 @@
 //! - `/head`: the request head as the body;
 //! - `/both`: a chunked body `hello` with a wrong `Content-Length: 3` beside it;
 //! - `/once`: answers the first request on a connection, then closes the connection when the
-//!   next request arrives, without answering (a server that dropped a kept connection).
+//!   next request arrives, without answering (a server that dropped a kept connection);
+//! - `/ws`: 101 Switching Protocols to `websocket`, then echoes whatever comes.
 
 use std::{
     io::{Read, Write},
@@ -64,6 +65,14 @@ fn serve(mut stream: TcpStream, recorded: &Mutex<Vec<String>>) {
         let answer = match path.as_str() {
             "/both" => "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
             "/once" if served > 0 => return,
+            "/ws" => {
+                let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                if stream.write_all(switch.as_bytes()).is_ok() {
+                    let mut echo = stream.try_clone().unwrap();
+                    let _ = std::io::copy(&mut stream, &mut echo);
+                }
+                return;
+            }
             _ => format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{head}",
                 head.len()
