@@ -315,10 +315,14 @@ async fn open_upstream(
                 )
             })?;
     let idle = shared.settings.limits.idle_timeout;
+    let doom = shared.reaper.subscribe(connected.uplink.id);
     tokio::spawn(async move {
         tokio::select! {
             _ = connection.with_upgrades() => {}
             () = activity.idle(idle) => {}
+            // Dropping the connection closes the socket; the client's next request opens a
+            // fresh one on a live uplink.
+            () = doom.wait() => {}
         }
     });
     Ok((sender, upstream))

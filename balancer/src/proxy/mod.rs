@@ -7,7 +7,7 @@
 //! (CONNECT), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
 //! uplink), `upstream` (resolve, check, connect, race), `dns` (queries out of an uplink),
 //! `guard` (forbidden and refused destinations), `pac` (the proxy auto-config file),
-//! `access_log` (one line per request), `io` (activity and raw head window), `counters`
+//! `access_log` (one line per request), `reaper` (closing what runs on a dead uplink), `io` (activity and raw head window), `counters`
 //! (per-uplink counters for `balancer status`).
 //!
 //! The proxy only reports observations; it never writes routes. It learns which uplinks are
@@ -26,6 +26,7 @@ mod io;
 mod listener;
 mod pac;
 mod policy;
+mod reaper;
 mod tunnel;
 mod upstream;
 
@@ -75,6 +76,8 @@ pub struct ProxyUplink {
     pub weight: u32,
     /// May carry new upstream connections now.
     pub usable: bool,
+    /// Its address or interface is gone: what runs on it is closed at once.
+    pub lost: bool,
     /// The uplink's resolvers (empty: the system's, asked from this uplink's address).
     pub dns: Vec<Ipv4Addr>,
 }
@@ -106,6 +109,9 @@ struct Shared {
     /// Our Via pseudonym; a request that already carries it has looped back to us.
     via: String,
     access_log: Option<access_log::AccessLog>,
+    reaper: Arc<reaper::Reaper>,
+    /// How long an uplink is unusable before what runs on it is closed (`health.reset_after_ms`).
+    reset_after: Duration,
     chooser: Mutex<policy::Chooser>,
     counters: counters::Counters,
     local: guard::LocalAddresses,
@@ -157,6 +163,8 @@ impl Proxy {
                 view,
                 via,
                 access_log,
+                reaper: Arc::default(),
+                reset_after: Duration::from_millis(u64::from(config.health.reset_after_ms)),
                 chooser: Mutex::new(chooser),
                 counters: counters::Counters::default(),
                 local: guard::LocalAddresses::default(),
@@ -187,6 +195,11 @@ impl Proxy {
                 }
             });
         }
+        runtime.spawn(reaper::run(
+            shared.reaper.clone(),
+            shared.view.clone(),
+            shared.reset_after,
+        ));
         if let Some(log) = &shared.access_log {
             runtime.spawn(log.clone().reopen_on_sighup());
         }
@@ -271,6 +284,9 @@ pub fn uplinks_from(config: &Config, observed: &[UplinkStatus], down: &[u32]) ->
                 && observed
                     .iter()
                     .any(|s| s.id == uplink.id && s.carrier && s.unavailable.is_none()),
+            lost: observed
+                .iter()
+                .any(|s| s.id == uplink.id && s.unavailable.is_some()),
             dns: uplink.dns.clone(),
         })
         .collect()

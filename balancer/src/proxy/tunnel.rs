@@ -53,6 +53,7 @@ pub(super) async fn tunnel(
     entry.status = 200;
     entry.host = host;
     let clock = record.clock;
+    let doom = shared.reaper.subscribe(connected.uplink.id);
     record.deferred = true;
     tokio::spawn(async move {
         let _slot = slot;
@@ -67,6 +68,7 @@ pub(super) async fn tunnel(
                 &mut client, &mut server, TUNNEL_BUFFER, TUNNEL_BUFFER,
             ) => moved.ok(),
             () = activity.idle(idle) => None,
+            () = doom.wait() => None,
         };
         if let Some(log) = log {
             entry.bytes = moved.map_or(0, |(_, down)| down);

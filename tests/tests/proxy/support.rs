@@ -23,6 +23,8 @@ pub struct ProxyLab {
     pub daemon: Option<ChildGuard>,
     /// Replaces the lab's LAN network in `[lan] networks` when set.
     pub lan_networks: Option<String>,
+    /// Added to every `[[uplink]]` (e.g. `track = [...]`).
+    pub uplink_keys: String,
 }
 
 impl ProxyLab {
@@ -35,6 +37,7 @@ impl ProxyLab {
             lab,
             daemon: None,
             lan_networks: None,
+            uplink_keys: String::new(),
         };
         gw.start(proxy_keys);
         gw
@@ -48,16 +51,40 @@ impl ProxyLab {
             lab,
             daemon: None,
             lan_networks: Some(networks.to_string()),
+            uplink_keys: String::new(),
         };
         gw.start(proxy_keys);
         gw
     }
 
+    /// As [`ProxyLab::up`], with every uplink probing the internet host (health checks on), and
+    /// waits until every uplink is judged up.
+    pub fn up_tracked(tag: &str, proxy_keys: &str) -> ProxyLab {
+        let lab =
+            Lab::up(LabSpec::new(&prefix(tag), 3)).unwrap_or_else(|e| panic!("lab up: {e:#}"));
+        let mut gw = ProxyLab {
+            lab,
+            daemon: None,
+            lan_networks: None,
+            uplink_keys: "track = [\"198.18.9.1\"]\n".to_string(),
+        };
+        gw.start(proxy_keys);
+        wait_until(Duration::from_secs(5), || {
+            (1..=3).all(|i| gw.health(i)["state"] == "up")
+        });
+        gw
+    }
+
+    /// Uplink `i`'s (1-based) health object in the status.
+    pub fn health(&self, i: usize) -> serde_json::Value {
+        self.status()["uplinks"][i - 1]["health"].clone()
+    }
+
     pub fn start(&mut self, proxy_keys: &str) {
-        let mut base = self
-            .lab
-            .balancer_config_toml()
-            .replace("weight =", &format!("dns = [\"{DNS_ADDR}\"]\nweight ="));
+        let mut base = self.lab.balancer_config_toml().replace(
+            "weight =",
+            &format!("dns = [\"{DNS_ADDR}\"]\n{}weight =", self.uplink_keys),
+        );
         if let Some(networks) = &self.lan_networks {
             base = base.replace(&format!("\"{LAN_NETWORK}\""), networks);
         }
