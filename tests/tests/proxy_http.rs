@@ -160,6 +160,18 @@ fn headers_loops_framing_retry_access_log_and_pac() {
         "{ws_head}"
     );
 
+    // Names are cached by TTL per uplink: each uplink asks once, then answers from memory.
+    let name = format!("cached-{}.lab.example", std::process::id());
+    let uplinks: std::collections::BTreeSet<usize> = (0..6)
+        .map(|_| gw.uplink_of(*gw.seen(1, &format!("http://{name}:8080/")).ip()))
+        .collect();
+    let mut queries = gw.dns_queries_from(&name);
+    queries.sort();
+    let mut asked: Vec<std::net::Ipv4Addr> =
+        uplinks.iter().map(|&u| lab.uplink_source(u)).collect();
+    asked.sort();
+    assert_eq!(queries, asked, "one query per uplink used, for 6 requests");
+
     // The PAC file lists the office networks (LAN and the uplinks' subnets) as DIRECT.
     for path in ["/proxy.pac", "/wpad.dat"] {
         let pac = lab

@@ -54,14 +54,15 @@ fn system_resolvers(text: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// The IPv4 addresses of `name`, asked from `source` of each resolver in turn.
+/// The IPv4 addresses of `name`, asked from `source` of each resolver in turn, and how long
+/// the answer may be kept (the smallest TTL in it).
 pub async fn resolve(
     name: &str,
     source: Ipv4Addr,
     servers: &[Ipv4Addr],
     timeout: Duration,
     uplink: &str,
-) -> Result<Vec<Ipv4Addr>, DnsError> {
+) -> Result<(Vec<Ipv4Addr>, Duration), DnsError> {
     if servers.is_empty() {
         return Err(DnsError::NoResolvers {
             uplink: uplink.to_string(),
@@ -105,7 +106,7 @@ async fn ask(
     name: &str,
     source: Ipv4Addr,
     server: Ipv4Addr,
-) -> Result<Vec<Ipv4Addr>, DnsError> {
+) -> Result<(Vec<Ipv4Addr>, Duration), DnsError> {
     let io = |source_error| DnsError::Io {
         server,
         source_address: source,
@@ -148,7 +149,13 @@ async fn ask(
                 rcode: shown,
             });
         }
-        return Ok(addresses);
+        let ttl = reply
+            .answers
+            .iter()
+            .map(|record| record.ttl)
+            .min()
+            .unwrap_or(0);
+        return Ok((addresses, Duration::from_secs(u64::from(ttl))));
     }
 }
 

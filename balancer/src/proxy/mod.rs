@@ -5,7 +5,7 @@
 //! One module per concern: `listener` (accepting, who may connect, limits, timeouts), `http`
 //! (dispatch and refusals), `forward` (plain requests and WebSocket upgrades), `tunnel`
 //! (CONNECT), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
-//! uplink), `upstream` (resolve, check, connect, race), `dns` (queries out of an uplink),
+//! uplink), `upstream` (resolve, check, connect, race), `dns` (queries out of an uplink), `dns_cache` (answers kept by TTL, per uplink),
 //! `guard` (forbidden and refused destinations), `pac` (the proxy auto-config file),
 //! `access_log` (one line per request), `reaper` (closing what runs on a dead uplink), `io` (activity and raw head window), `counters`
 //! (per-uplink counters for `balancer status`).
@@ -18,6 +18,7 @@
 mod access_log;
 mod counters;
 mod dns;
+mod dns_cache;
 mod forward;
 mod guard;
 mod headers;
@@ -110,6 +111,7 @@ struct Shared {
     via: String,
     access_log: Option<access_log::AccessLog>,
     reaper: Arc<reaper::Reaper>,
+    dns_cache: dns_cache::DnsCache,
     /// How long an uplink is unusable before what runs on it is closed (`health.reset_after_ms`).
     reset_after: Duration,
     chooser: Mutex<policy::Chooser>,
@@ -164,6 +166,7 @@ impl Proxy {
                 via,
                 access_log,
                 reaper: Arc::default(),
+                dns_cache: dns_cache::DnsCache::default(),
                 reset_after: Duration::from_millis(u64::from(config.health.reset_after_ms)),
                 chooser: Mutex::new(chooser),
                 counters: counters::Counters::default(),

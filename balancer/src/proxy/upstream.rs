@@ -212,18 +212,26 @@ async fn attempt_inner(
     let addresses = match guard::literal(host) {
         Some(IpAddr::V4(address)) => vec![address],
         Some(IpAddr::V6(_)) => return Err(UpstreamError::Ipv6),
-        None => {
-            UplinkCounters::add(&counters.dns_queries, 1);
-            let servers = dns::resolvers(&uplink.dns);
-            let timeout = shared.settings.limits.dns_timeout;
-            dns::resolve(host, uplink.source, &servers, timeout, &uplink.name)
-                .await
-                .map_err(|source| UpstreamError::Dns {
-                    host: host.to_string(),
-                    uplink: uplink.name.clone(),
-                    source,
-                })?
-        }
+        None => match shared.dns_cache.get(uplink.id, host, Instant::now()) {
+            Some(addresses) => addresses,
+            None => {
+                UplinkCounters::add(&counters.dns_queries, 1);
+                let servers = dns::resolvers(&uplink.dns);
+                let timeout = shared.settings.limits.dns_timeout;
+                let (addresses, ttl) =
+                    dns::resolve(host, uplink.source, &servers, timeout, &uplink.name)
+                        .await
+                        .map_err(|source| UpstreamError::Dns {
+                            host: host.to_string(),
+                            uplink: uplink.name.clone(),
+                            source,
+                        })?;
+                shared
+                    .dns_cache
+                    .put(uplink.id, host, &addresses, ttl, Instant::now());
+                addresses
+            }
+        },
     };
     let local = shared.local.get();
     // Every answer is checked; connecting goes to exactly the addresses that passed.

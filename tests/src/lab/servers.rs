@@ -56,6 +56,9 @@ impl Lab {
                 format!("--address=/gw.{DNS_NAME}/{LAN_GATEWAY}"),
                 format!("--address=/wan.{DNS_NAME}/{}", self.uplink_source(1)),
                 format!("--address=/loop.{DNS_NAME}/127.0.0.1"),
+                // A real TTL (dnsmasq's default for these answers is 0), so resolver caches
+                // (the proxy's, squid's) work as they would on the internet.
+                "--local-ttl=60".into(),
                 // Stay root: the log and pid files live in the root-owned state dir.
                 "--user=root".into(),
                 "--log-queries".into(),
