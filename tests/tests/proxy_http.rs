@@ -200,6 +200,10 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     // The access log: one line per request or tunnel, naming the client and the uplink.
     let log_path = lab.state_dir().join("access.log");
     gw.stop();
+    // The daemon starts under systemd's default soft limit of 1,024 open files (inherited).
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
     gw.start(&format!(
         "listen = \"198.18.0.1:3128\"\nconnect_ports = [8080]\naccess_log = \"{}\"",
         log_path.display()
@@ -279,5 +283,50 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     assert_eq!(
         std::fs::read_to_string(&rotated).unwrap().lines().count(),
         expected.len()
+    );
+
+    // Each tunnel costs the proxy three descriptors: 400 of them need more than the usual soft
+    // limit of 1,024, which the daemon raised at start to fit max_connections (1,024).
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(soft >= 3 * 1024 + 1024, "open file limit {soft}");
+    let mut tunnels = Vec::new();
+    for client in [1, 2] {
+        tunnels.extend(in_namespace(&lab.client(client), || {
+            use std::io::{Read, Write};
+            (0..200)
+                .map(|_| {
+                    let mut stream = std::net::TcpStream::connect("198.18.0.1:3128").unwrap();
+                    stream
+                        .write_all(
+                            b"CONNECT 198.18.9.1:8080 HTTP/1.1\r\nHost: 198.18.9.1:8080\r\n\r\n",
+                        )
+                        .unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .unwrap();
+                    let mut head = [0u8; 64];
+                    let n = stream.read(&mut head).unwrap_or(0);
+                    (stream, String::from_utf8_lossy(&head[..n]).into_owned())
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let open = tunnels
+        .iter()
+        .filter(|(_, head)| head.starts_with("HTTP/1.1 200"))
+        .count();
+    assert_eq!(open, 400, "tunnels opened");
+    let beside = gw.curl(1, &[WHOAMI_URL]);
+    assert_eq!(
+        beside.code,
+        200,
+        "a request beside 400 tunnels: {beside:?}\n{}",
+        gw.log()
     );
 }
