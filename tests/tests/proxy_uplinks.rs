@@ -1,5 +1,6 @@
 //! Issue 12 items 6 and 7 in the lab: a tunnel on an uplink that dies silently is closed within
 //! 2.5 s (the proxy follows the transparent flows' reset), a 300 ms carrier blip closes none,
+//! one whose uplink loses its address is closed at once,
 //! and a 15 s flood of requests through the proxy leaves every uplink's health unchanged (the
 //! proxy runs on worker threads of its own).
 //!
@@ -125,6 +126,35 @@ fn tunnels_close_when_their_uplink_dies_but_not_on_a_carrier_blip() {
             "the tunnel on live uplink {blip_uplink} was closed too"
         );
     }
+
+    // An uplink whose address goes (renumbered, or the session dropped): closed at once.
+    let (mut renumbered, uplink) = open_tunnel(&gw);
+    assert_ne!(uplink, dead, "new tunnels avoid the dead uplink");
+    let cut = Instant::now();
+    lab.exec_ok(
+        &lab.gw(),
+        &[
+            "ip",
+            "addr",
+            "del",
+            &format!("{}/24", lab.uplink_source(uplink)),
+            "dev",
+            &lab.uplink_interface(uplink),
+        ],
+    )
+    .unwrap();
+    let (_, closed) = read_until_closed(&mut renumbered, Duration::from_secs(3));
+    let after = cut.elapsed();
+    eprintln!("tunnel on uplink {uplink} closed {after:?} after its address went");
+    assert!(
+        closed,
+        "the tunnel outlived its uplink's address\n{}",
+        gw.log()
+    );
+    assert!(
+        after <= Duration::from_millis(500),
+        "closed {after:?} after the address went"
+    );
 }
 
 #[test]

@@ -460,3 +460,42 @@ fn the_gateways_own_traffic_avoids_an_uplink_the_probes_judge_down() {
         "its own table stays for bound sockets and probes"
     );
 }
+
+#[test]
+fn the_proxy_listens_only_on_a_lan_interface_address() {
+    let with_listen = |listen: &str| {
+        Config::parse(&format!("{CONFIG}\n[proxy]\nlisten = \"{listen}\"\n")).unwrap()
+    };
+    assert!(
+        desired(
+            &with_listen("198.18.0.1:3128"),
+            &observed(),
+            Strictness::Strict
+        )
+        .is_ok()
+    );
+    // An uplink's address: the internet could reach the proxy there.
+    let error = desired(
+        &with_listen("198.18.1.2:3128"),
+        &observed(),
+        Strictness::Strict,
+    )
+    .unwrap_err();
+    assert_eq!(
+        (error.key.as_str(), error.line),
+        ("proxy.listen", Some(20)),
+        "{error}"
+    );
+    assert!(
+        error.message.contains("not an address of a LAN interface"),
+        "{error}"
+    );
+    // Not the gateway's at all.
+    let error = desired(
+        &with_listen("198.18.0.9:3128"),
+        &observed(),
+        Strictness::Strict,
+    )
+    .unwrap_err();
+    assert_eq!(error.key, "proxy.listen");
+}
