@@ -69,9 +69,10 @@ pub struct Settings {
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     pub icmp_timeout_ns: u64,
-    /// 1: LAN traffic the data plane cannot translate, headed for the internet, is passed
-    /// untouched (a LAN with public addresses); 0: it is dropped and counted.
-    pub pass_untranslated: u8,
+    /// 1 (what the daemon writes by default): LAN traffic the data plane cannot translate,
+    /// headed for the internet, is dropped and counted. 0: it is passed untouched (a LAN with
+    /// public addresses; also programs attached before anything configured them).
+    pub drop_untranslated: u8,
     pub _pad: [u8; 7],
 }
 

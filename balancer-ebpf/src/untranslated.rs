@@ -1,7 +1,8 @@
 //! The last word on LAN packets the data plane does not translate: one headed for the internet
 //! would leave with its private source (the ISP drops it, or worse, routes it), so it is
 //! dropped and counted by reason, unless the config passes untranslated traffic (a LAN with
-//! public addresses). Packets to the LAN, the gateway and office destinations pass.
+//! public addresses) or nothing configured the programs yet. Packets to the LAN, the gateway
+//! and office destinations pass.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use balancer_common::{stats::untranslated_drop, uplink::DESTINATION_PASS};
@@ -18,8 +19,8 @@ pub fn verdict(dst: u32, reason: u32) -> u32 {
     if let Some(&DESTINATION_PASS) = DESTINATIONS.get(Key::new(32, dst)) {
         return reason;
     }
-    if SETTINGS.get(0).is_some_and(|s| s.pass_untranslated == 1) {
-        return reason;
+    if SETTINGS.get(0).is_some_and(|s| s.drop_untranslated == 1) {
+        return drop;
     }
-    drop
+    reason
 }

@@ -152,7 +152,7 @@ fn untranslatable_lan_traffic_to_the_office_passes_untouched() -> anyhow::Result
 fn pass_untranslated_lets_a_public_lan_through() -> anyhow::Result<()> {
     let mut dp = Datapath::load()?;
     dp.set_settings(Settings {
-        pass_untranslated: 1,
+        drop_untranslated: 0,
         ..Settings::default()
     })?;
     for (name, frame, pass, _) in untranslatable(SERVER) {
@@ -232,6 +232,7 @@ fn inbound_connections_answer_by_the_uplink_they_came_in_on() -> anyhow::Result<
     dp.set_settings(Settings {
         local_port_min: 32_768,
         local_port_max: 60_999,
+        drop_untranslated: 1,
         ..Settings::default()
     })?;
     let remote = (SERVER, 50_123);
@@ -330,6 +331,7 @@ fn an_expired_inbound_connection_steers_nothing() -> anyhow::Result<()> {
     dp.act_for_uplink(2)?;
     dp.set_settings(Settings {
         tcp_established_timeout_ns: 1,
+        drop_untranslated: 1,
         ..Settings::default()
     })?;
     let remote = (SERVER, 50_123);

@@ -174,7 +174,7 @@ pub fn desired(
         tcp_closing_timeout_ns: seconds(data.tcp_closing_timeout),
         udp_timeout_ns: seconds(data.udp_timeout),
         icmp_timeout_ns: seconds(data.icmp_timeout),
-        pass_untranslated: u8::from(config.lan.pass_untranslated),
+        drop_untranslated: u8::from(!config.lan.pass_untranslated),
         _pad: [0; 7],
     };
     attachments.sort();

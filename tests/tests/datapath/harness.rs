@@ -95,7 +95,10 @@ impl Datapath {
             )?;
         }
         datapath.set_weights(&[(1, 2), (2, 2), (3, 1)])?;
-        datapath.set_settings(Settings::default())?;
+        datapath.set_settings(Settings {
+            drop_untranslated: 1,
+            ..Settings::default()
+        })?;
         datapath.add_destination(Ipv4Addr::new(198, 18, 0, 0), 24, DESTINATION_PASS)?;
         datapath.add_destination(Ipv4Addr::new(198, 18, 1, 0), 24, 1)?;
         datapath.act_for_uplink(1)?;
