@@ -145,7 +145,36 @@ pub struct FragmentEntry {
     pub _pad: [u8; 3],
 }
 
+/// The remote end of a connection that arrived on an uplink. Key of `INBOUND`.
+///
+/// It names only the remote end: at uplink ingress (before conntrack's DNAT) the LAN host a
+/// port forward will pick is unknown, and so is the port it listens on; the LAN host's reply
+/// is addressed to exactly this address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    /// Network order, as in the packet.
+    pub remote_addr: u32,
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Which uplink an inbound connection came in on. Value of `INBOUND`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundEntry {
+    /// Coarse monotonic time of the first packet, then of the last LAN-side reply.
+    pub last_seen_ns: u64,
+    /// The uplink's mark, put on the LAN-side replies.
+    pub mark: u32,
+    pub uplink_id: u8,
+    pub _pad: [u8; 3],
+}
+
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 8);
+const _: () = assert!(core::mem::size_of::<InboundEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<ReverseKey>() == 16);
@@ -166,4 +195,8 @@ mod pod {
     unsafe impl aya::Pod for super::FragmentKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FragmentEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InboundKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InboundEntry {}
 }

@@ -2,7 +2,7 @@
 
 /// Bumped whenever a map's key, value or size changes meaning: pins live under a directory
 /// named after it, so a new layout never silently reuses an old map.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 pub const FLOWS: &str = "FLOWS";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
@@ -16,12 +16,18 @@ pub const SETTINGS: &str = "SETTINGS";
 pub const UPLINK_COUNTERS: &str = "UPLINK_COUNTERS";
 pub const REASONS: &str = "REASONS";
 pub const FRAGMENTS: &str = "FRAGMENTS";
+pub const INBOUND: &str = "INBOUND";
 
 /// Default capacity of `FLOWS` and `NAT_REVERSE`; user space may set another at load time.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 
 /// Capacity of `FRAGMENTS`: datagrams in flight as fragments at once (LRU, so the oldest go).
 pub const FRAGMENT_ENTRIES: u32 = 8192;
+
+/// Capacity of `INBOUND`: connections from the internet (port forwards, the gateway's own
+/// services) whose LAN-side replies are steered back out of the uplink they came in on. A map
+/// of its own, so unsolicited packets can never take the room of outbound flows.
+pub const INBOUND_ENTRIES: u32 = 65_536;
 
 /// Program names (the function names of the classifiers).
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";

@@ -98,6 +98,57 @@ pub fn nat_port_range(settings: &Settings) -> (u16, u16) {
     }
 }
 
+/// A destination the data plane never balances: multicast (224.0.0.0/4), the limited broadcast
+/// 255.255.255.255, and link-local 169.254.0.0/16. `addr` is network order, as in the packet.
+#[inline(always)]
+pub fn is_non_unicast_destination(addr: u32) -> bool {
+    let host = u32::from_be(addr);
+    host >> 28 == 0xe || host == u32::MAX || host >> 16 == 0xa9fe
+}
+
+/// A source no uplink could answer: 0.0.0.0 (DHCP discovery) and link-local 169.254.0.0/16.
+/// Network order.
+#[inline(always)]
+pub fn is_unroutable_source(addr: u32) -> bool {
+    let host = u32::from_be(addr);
+    host == 0 || host >> 16 == 0xa9fe
+}
+
+/// Whether an untranslated packet arriving on an uplink starts a connection whose LAN-side
+/// replies must go back out of that uplink (`INBOUND`): a TCP SYN (not a SYN-ACK, which
+/// answers the gateway's own connect), or UDP to a port that is neither the gateway's
+/// ephemeral range (replies to its own sockets: resolver, probes, proxy) nor the NAT range.
+/// `dst_port` is host order.
+#[inline(always)]
+pub fn starts_inbound(protocol: u8, tcp_flags: u8, dst_port: u16, settings: &Settings) -> bool {
+    match protocol {
+        PROTOCOL_TCP => tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
+        PROTOCOL_UDP => {
+            let (nat_min, nat_max) = nat_port_range(settings);
+            let ephemeral = settings.local_port_min != 0
+                && settings.local_port_min <= dst_port
+                && dst_port <= settings.local_port_max;
+            let translated = nat_min <= dst_port && dst_port <= nat_max;
+            !(ephemeral || translated)
+        }
+        _ => false,
+    }
+}
+
+/// How long an inbound connection without LAN-side replies keeps its uplink: the established
+/// TCP or the UDP timeout.
+#[inline(always)]
+pub fn inbound_timeout_ns(protocol: u8, settings: &Settings) -> u64 {
+    if protocol == PROTOCOL_TCP {
+        or_default(
+            settings.tcp_established_timeout_ns,
+            DEFAULT_TCP_ESTABLISHED_TIMEOUT_NS,
+        )
+    } else {
+        or_default(settings.udp_timeout_ns, DEFAULT_UDP_TIMEOUT_NS)
+    }
+}
+
 /// `skb->mark` steered to an uplink: the balancer's bits (`MARK_MASK`) replaced by the uplink's
 /// mark, every other bit kept for whoever else uses marks on the gateway.
 #[inline(always)]
@@ -375,5 +426,56 @@ mod tests {
                 (FLOW_STATE_ESTABLISHED, FLOW_FLAG_ANSWERED)
             );
         }
+    }
+
+    fn net(a: u8, b: u8, c: u8, d: u8) -> u32 {
+        u32::from_ne_bytes([a, b, c, d])
+    }
+
+    #[test]
+    fn non_unicast_addresses() {
+        for (addr, non_unicast) in [
+            (net(224, 0, 0, 251), true),
+            (net(239, 255, 255, 250), true),
+            (net(255, 255, 255, 255), true),
+            (net(169, 254, 1, 2), true),
+            (net(198, 18, 9, 1), false),
+            (net(240, 0, 0, 1), false),
+            (net(198, 18, 0, 255), false),
+        ] {
+            assert_eq!(is_non_unicast_destination(addr), non_unicast, "{addr:#x}");
+        }
+        assert!(is_unroutable_source(net(0, 0, 0, 0)));
+        assert!(is_unroutable_source(net(169, 254, 7, 7)));
+        assert!(!is_unroutable_source(net(198, 18, 0, 11)));
+    }
+
+    #[test]
+    fn what_starts_an_inbound_connection() {
+        let settings = Settings {
+            local_port_min: 32_768,
+            local_port_max: 60_999,
+            ..Settings::default()
+        };
+        assert!(starts_inbound(PROTOCOL_TCP, TCP_SYN, 8080, &settings));
+        assert!(
+            !starts_inbound(PROTOCOL_TCP, TCP_SYN | TCP_ACK, 8080, &settings),
+            "a SYN-ACK answers the gateway's own connect"
+        );
+        assert!(!starts_inbound(PROTOCOL_TCP, TCP_ACK, 8080, &settings));
+        assert!(starts_inbound(PROTOCOL_UDP, 0, 5060, &settings));
+        assert!(
+            !starts_inbound(PROTOCOL_UDP, 0, 40_000, &settings),
+            "a reply to the gateway's own socket"
+        );
+        assert!(
+            !starts_inbound(PROTOCOL_UDP, 0, 61_500, &settings),
+            "the NAT range"
+        );
+        assert!(!starts_inbound(PROTOCOL_ICMP, 0, 0, &settings));
+        assert_eq!(
+            inbound_timeout_ns(PROTOCOL_UDP, &Settings::default()),
+            DEFAULT_UDP_TIMEOUT_NS
+        );
     }
 }

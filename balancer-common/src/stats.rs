@@ -48,7 +48,25 @@ pub const PASS_ICMP_ERROR_MALFORMED: u32 = 12;
 /// An ICMP error about a packet of no translated flow (the gateway's own traffic), or about
 /// something without ports (a later fragment, another protocol): passed untouched.
 pub const PASS_ICMP_ERROR_UNMATCHED: u32 = 13;
-pub const REASONS_LEN: u32 = 14;
+/// Multicast, limited broadcast or link-local destinations: never balanced or translated, they
+/// reach the gateway and the LAN untouched.
+pub const PASS_NON_UNICAST: u32 = 14;
+/// From 0.0.0.0 or a link-local source (DHCP, zeroconf) to the gateway, the LAN or an office
+/// destination: untouched. Toward the internet such a packet is dropped instead.
+pub const PASS_UNROUTABLE_SOURCE: u32 = 15;
+/// A LAN host's reply to a connection that came in on an uplink (a port forward): marked for
+/// that uplink, never given a flow or a NAT port; conntrack translates it back.
+pub const PASS_INBOUND_REPLY: u32 = 16;
+/// The drops of untranslatable LAN traffic bound for the internet (item "nothing leaves with a
+/// private source"), one per pass reason it would otherwise have been passed with.
+pub const DROP_OTHER_PROTOCOL: u32 = 17;
+pub const DROP_TCP_WITHOUT_FLOW: u32 = 18;
+pub const DROP_NO_UPLINK: u32 = 19;
+pub const DROP_UNROUTABLE_SOURCE: u32 = 20;
+/// Any other LAN packet the data plane cannot translate (an unmatched later fragment, ICMP
+/// other than echo, an ICMP error about no flow, a malformed L4 header).
+pub const DROP_UNTRANSLATED: u32 = 21;
+pub const REASONS_LEN: u32 = 22;
 
 /// Names of the reasons, indexed like `REASONS`, for `balancer stats`.
 pub const REASON_NAMES: [&str; REASONS_LEN as usize] = [
@@ -66,4 +84,63 @@ pub const REASON_NAMES: [&str; REASONS_LEN as usize] = [
     "drop_rewrite_failed",
     "pass_icmp_error_malformed",
     "pass_icmp_error_unmatched",
+    "pass_non_unicast",
+    "pass_unroutable_source",
+    "pass_inbound_reply",
+    "drop_other_protocol",
+    "drop_tcp_without_flow",
+    "drop_no_uplink",
+    "drop_unroutable_source",
+    "drop_untranslated",
 ];
+
+/// Whether packets counted with `reason` are dropped (every other reason passes them on).
+pub const fn is_drop(reason: u32) -> bool {
+    matches!(
+        reason,
+        DROP_NAT_EXHAUSTED
+            | DROP_REWRITE_FAILED
+            | DROP_OTHER_PROTOCOL
+            | DROP_TCP_WITHOUT_FLOW
+            | DROP_NO_UPLINK
+            | DROP_UNROUTABLE_SOURCE
+            | DROP_UNTRANSLATED
+    )
+}
+
+/// The drop that replaces pass `reason` for a LAN packet headed for the internet untranslated
+/// (it would leave with its private source); `None` for reasons that never leak.
+pub const fn untranslated_drop(reason: u32) -> Option<u32> {
+    match reason {
+        PASS_OTHER_PROTOCOL => Some(DROP_OTHER_PROTOCOL),
+        PASS_TCP_WITHOUT_FLOW => Some(DROP_TCP_WITHOUT_FLOW),
+        PASS_NO_UPLINK => Some(DROP_NO_UPLINK),
+        PASS_UNROUTABLE_SOURCE => Some(DROP_UNROUTABLE_SOURCE),
+        PASS_FRAGMENT
+        | PASS_ICMP_OTHER
+        | PASS_ICMP_ERROR_MALFORMED
+        | PASS_ICMP_ERROR_UNMATCHED
+        | PASS_MALFORMED => Some(DROP_UNTRANSLATED),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_drop_has_a_name_and_every_leak_a_drop() {
+        for reason in 0..REASONS_LEN {
+            let name = REASON_NAMES[reason as usize];
+            assert_eq!(is_drop(reason), name.starts_with("drop_"), "{name}");
+            if let Some(drop) = untranslated_drop(reason) {
+                assert!(is_drop(drop), "{name} -> {drop}");
+                assert!(name.starts_with("pass_"), "{name}");
+            }
+        }
+        assert_eq!(untranslated_drop(PASS_NON_UNICAST), None);
+        assert_eq!(untranslated_drop(PASS_INBOUND_REPLY), None);
+        assert_eq!(untranslated_drop(PASS_LOCAL_DESTINATION), None);
+    }
+}

@@ -59,17 +59,25 @@ pub struct Settings {
     /// outside the gateway's `ip_local_port_range` so its own sockets are never shadowed.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
-    pub _pad: u32,
+    /// The gateway's `ip_local_port_range` (host order): UDP arriving on an uplink at one of
+    /// these ports is a reply to the gateway's own socket, not an inbound connection.
+    pub local_port_min: u16,
+    pub local_port_max: u16,
     /// Timeouts in nanoseconds.
     pub tcp_syn_timeout_ns: u64,
     pub tcp_established_timeout_ns: u64,
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     pub icmp_timeout_ns: u64,
+    /// 1 (what the daemon writes by default): LAN traffic the data plane cannot translate,
+    /// headed for the internet, is dropped and counted. 0: it is passed untouched (a LAN with
+    /// public addresses; also programs attached before anything configured them).
+    pub drop_untranslated: u8,
+    pub _pad: [u8; 7],
 }
 
 const _: () = assert!(core::mem::size_of::<UplinkInfo>() == 20);
-const _: () = assert!(core::mem::size_of::<Settings>() == 48);
+const _: () = assert!(core::mem::size_of::<Settings>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

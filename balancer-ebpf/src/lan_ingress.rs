@@ -1,14 +1,22 @@
 //! LAN ingress: count every frame, then give each new flow an uplink (weighted round robin, or
 //! the one a destination forces) and a translated port, and mark every packet of a known flow
 //! so the `fwmark` rules route it out of its uplink. The translation itself happens on the
-//! uplink's egress, after routing.
+//! uplink's egress, after routing. LAN hosts' replies to inbound connections are steered back
+//! out of the uplink they came in on (`inbound`); what cannot be translated and is headed for
+//! the internet is dropped (`untranslated`).
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::TcContext};
 use balancer_common::{
     counters::{COUNTER_BYTES, COUNTER_IPV4, COUNTER_PACKETS},
     flow::{FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP},
-    policy::{TCP_ACK, TCP_SYN, flow_after_packet, steered_mark},
-    stats::{PASS_ICMP_OTHER, PASS_LOCAL_DESTINATION, PASS_NO_UPLINK, PASS_TCP_WITHOUT_FLOW},
+    policy::{
+        TCP_ACK, TCP_SYN, flow_after_packet, is_non_unicast_destination, is_unroutable_source,
+        steered_mark,
+    },
+    stats::{
+        PASS_ICMP_OTHER, PASS_INBOUND_REPLY, PASS_LOCAL_DESTINATION, PASS_NO_UPLINK,
+        PASS_NON_UNICAST, PASS_TCP_WITHOUT_FLOW, PASS_UNROUTABLE_SOURCE,
+    },
     uplink::{DESTINATION_PASS, SCHEDULE_SLOTS},
 };
 
@@ -16,9 +24,10 @@ use crate::{
     flow::{self, Found},
     fragments,
     headers::ICMP_ECHO_REQUEST,
-    icmp_error,
+    icmp_error, inbound,
     maps::{DESTINATIONS, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump},
-    parse::{parse_ipv4, parse_l4},
+    parse::{Ipv4, parse_ipv4, parse_l4},
+    untranslated,
 };
 
 #[inline(always)]
@@ -28,6 +37,20 @@ pub fn try_lan_ingress(ctx: &TcContext) -> Result<(), u32> {
 
     let ip = parse_ipv4(ctx)?;
     bump(COUNTER_IPV4, 1);
+    // Multicast, broadcast and link-local stay on the link: no flow, no port.
+    if is_non_unicast_destination(ip.dst) {
+        return Err(PASS_NON_UNICAST);
+    }
+    let dst = ip.dst;
+    steer(ctx, ip).map_err(|reason| untranslated::verdict(dst, reason))
+}
+
+/// Everything after the first checks: the flow of a unicast IPv4 packet, or why it has none.
+#[inline(always)]
+fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
+    if is_unroutable_source(ip.src) {
+        return Err(PASS_UNROUTABLE_SOURCE);
+    }
     if ip.later_fragment {
         return fragments::steer(ctx, &ip);
     }
@@ -97,9 +120,15 @@ pub fn try_lan_ingress(ctx: &TcContext) -> Result<(), u32> {
         None => None,
     };
 
+    // A LAN host answering a connection that came in on an uplink: back out of that uplink,
+    // untranslated (conntrack undoes the port forward's DNAT).
+    if let Some(mark) = inbound::reply_mark(&packet, settings, now) {
+        set_mark(ctx, mark);
+        return Err(PASS_INBOUND_REPLY);
+    }
+
     // Mid-stream TCP without a flow (the gateway restarted, or the flow idled out): inventing
-    // a translation would only make the remote answer with a RST, so leave it to the routing
-    // tables.
+    // a translation would only make the remote answer with a RST; it is not translated.
     if protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return Err(PASS_TCP_WITHOUT_FLOW);
     }

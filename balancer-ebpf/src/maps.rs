@@ -8,8 +8,11 @@ use aya_ebpf::{
 };
 use balancer_common::{
     counters::COUNTERS_LEN,
-    flow::{FlowEntry, FlowKey, FragmentEntry, FragmentKey, ReverseEntry, ReverseKey},
-    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES},
+    flow::{
+        FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, ReverseEntry,
+        ReverseKey,
+    },
+    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES},
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
     uplink::{
         DESTINATION_ENTRIES, SCHEDULE_SLOTS, ScheduleLength, Settings, UPLINK_BY_IFINDEX_ENTRIES,
@@ -40,6 +43,12 @@ pub static NAT_REVERSE: LruHashMap<ReverseKey, ReverseEntry> =
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
     LruHashMap::with_max_entries(FRAGMENT_ENTRIES, 0);
+
+/// Remote ends of connections that arrived on an uplink -> that uplink (`inbound`). Apart from
+/// `FLOWS`, so unsolicited packets cannot evict outbound flows or take NAT ports.
+#[map]
+pub static INBOUND: LruHashMap<InboundKey, InboundEntry> =
+    LruHashMap::with_max_entries(INBOUND_ENTRIES, 0);
 
 #[map]
 pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(UPLINK_SLOTS, 0);

@@ -18,7 +18,7 @@ use balancer_common::{
 use crate::{
     fragments,
     headers::ICMP_ECHO_REPLY,
-    icmp_error,
+    icmp_error, inbound,
     lan_ingress::set_mark,
     maps::{FLOWS, NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
     nat::{Side, rewrite},
@@ -84,9 +84,11 @@ fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
         protocol,
         _pad: [0; 3],
     };
-    let value = NAT_REVERSE
-        .get_ptr_mut(&reverse)
-        .ok_or(PASS_NOT_TRANSLATED)?;
+    let Some(value) = NAT_REVERSE.get_ptr_mut(&reverse) else {
+        // Not one of our flows: the gateway's own traffic, or a connection from outside.
+        inbound::arrived(ctx, &packet);
+        return Err(PASS_NOT_TRANSLATED);
+    };
     // SAFETY: a pointer into the map value, valid for this run; what the translation needs is
     // copied out at once, since LRU entries may be reused under us.
     let value = unsafe { &mut *value };

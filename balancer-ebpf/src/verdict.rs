@@ -6,7 +6,7 @@
 //! passing untouched and dropping.
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
-use balancer_common::stats::{DROP_NAT_EXHAUSTED, DROP_REWRITE_FAILED};
+use balancer_common::stats::is_drop;
 
 use crate::maps::bump_reason;
 
@@ -30,7 +30,7 @@ pub fn action(result: Result<(), u32>) -> i32 {
         Ok(()) => PASS,
         Err(reason) => {
             bump_reason(reason);
-            if reason == DROP_NAT_EXHAUSTED || reason == DROP_REWRITE_FAILED {
+            if is_drop(reason) {
                 DROP
             } else {
                 PASS

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use crate::{
     config::Config,
     daemon::{self, DaemonError, RunOptions},
+    firewall,
     netlink::Netlink,
+    office,
     plan::{self, Strictness},
     reconcile,
     state::{StateDir, Status},
@@ -123,6 +125,14 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
             uplink.name
         );
     }
+    for (destination, interface) in office::too_wide(&config, &observed) {
+        // Everything an office route covers is neither balanced nor translated.
+        eprintln!(
+            "warning: the route to {destination} via {interface} makes that much of the internet an office destination: \
+             it is neither balanced nor translated (a VPN's redirect-gateway routes?); route only the office's networks there"
+        );
+    }
+    warn_about_source_nat(&config);
     for uplink in &config.uplinks {
         println!(
             "  {:<12} id {:<3} {} src {} via {}  weight {}  table {}  mark {:#x}",
@@ -137,6 +147,34 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Warns about the host firewall's source NAT on an uplink (`firewall`).
+fn warn_about_source_nat(config: &Config) {
+    let uplinks: Vec<String> = config.uplinks.iter().map(|u| u.interface.clone()).collect();
+    let found = firewall::read_ruleset().and_then(|ruleset| match ruleset {
+        Some(ruleset) => firewall::source_nat_on_uplinks(&ruleset, &uplinks),
+        None => Ok(Vec::new()),
+    });
+    match found {
+        Ok(rules) => {
+            for rule in rules {
+                let handle = rule
+                    .handle
+                    .map(|h| format!(" (handle {h})"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "warning: nftables chain `{}`{handle} applies {} to {}: its ports on the uplink address can collide with \
+                     balancer's NAT ports and send replies to the wrong client; balancer already translates LAN traffic \
+                     leaving by its uplinks, so remove the rule or limit it to other interfaces (port forwards and filtering stay yours)",
+                    rule.chain,
+                    rule.action,
+                    rule.interfaces.join(", ")
+                );
+            }
+        }
+        Err(error) => eprintln!("warning: could not read the nftables ruleset: {error:#}"),
+    }
 }
 
 async fn show_plan(path: &std::path::Path) -> anyhow::Result<()> {

@@ -44,6 +44,12 @@ pub enum LoadError {
 pub struct Lan {
     pub interfaces: Vec<String>,
     pub networks: Vec<Ipv4Net>,
+    /// Routing tables besides main whose routes through non-uplink interfaces are office
+    /// destinations too (strongSwan's 220, a VPN daemon's own table).
+    pub route_tables: Vec<u32>,
+    /// Pass LAN traffic the data plane cannot translate (other protocols, TCP of no flow)
+    /// untouched instead of dropping it: only for a LAN with public addresses.
+    pub pass_untranslated: bool,
 }
 
 /// One internet line: the interface it leaves by, its modem or ISP router, and the address the

@@ -479,6 +479,9 @@ fn rule_to_message(rule: &Rule) -> RuleMessage {
     message
         .attributes
         .push(RuleAttribute::Priority(rule.priority));
+    if let Some(iif) = &rule.iif {
+        message.attributes.push(RuleAttribute::Iifname(iif.clone()));
+    }
     if let Some(from) = rule.from {
         message.header.src_len = from.prefix_len();
         message
@@ -532,6 +535,7 @@ fn rule_from_message(message: &RuleMessage) -> Option<Rule> {
     let mut table = u32::from(message.header.table);
     let (mut priority, mut from, mut to, mut mark, mut mask, mut suppress) =
         (0, None, None, None, None, None);
+    let mut iif = None;
     for attribute in &message.attributes {
         match attribute {
             RuleAttribute::Table(id) => table = *id,
@@ -549,7 +553,8 @@ fn rule_from_message(message: &RuleMessage) -> Option<Rule> {
                 suppress = Some(*value)
             }
             // Selectors the balancer never writes: such a rule is not one of its shapes.
-            RuleAttribute::Iifname(_) | RuleAttribute::Oifname(_) | RuleAttribute::UidRange(_) => {
+            RuleAttribute::Iifname(name) => iif = Some(name.clone()),
+            RuleAttribute::Oifname(_) | RuleAttribute::UidRange(_) => {
                 return None;
             }
             _ => {}
@@ -561,6 +566,7 @@ fn rule_from_message(message: &RuleMessage) -> Option<Rule> {
         .map(|m| (m, mask.unwrap_or(u32::MAX)));
     Some(Rule {
         priority,
+        iif,
         from,
         to,
         fwmark,

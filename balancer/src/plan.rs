@@ -3,7 +3,8 @@
 //! kernel there. Nothing here touches the kernel, so every decision is unit-tested.
 //!
 //! Per uplink it builds one table: the default route via the uplink's gateway, the uplink's
-//! connected subnet, the LAN routes copied from the main table, and a final `unreachable default`
+//! connected subnet and its other specific routes, the office routes (`office`) copied from the
+//! main table and `[lan] route_tables`, and a final `unreachable default`
 //! so a lookup never falls through to another uplink. Rules send LAN destinations to the main
 //! table first, then `from <source>` and `fwmark` traffic to the uplink's table, and the
 //! gateway's own unbound traffic to a table of its own.
@@ -19,7 +20,10 @@ use crate::{
     routing::{Interface, Lookup, Route, RouteKind, RouteScope, Rule, SysctlKey},
 };
 
-const MAIN_TABLE: u32 = 254;
+use crate::office::{self, MAIN_TABLE};
+
+/// The interface the kernel gives the gateway's own packets in policy-routing lookups.
+const LOOPBACK: &str = "lo";
 
 /// What the kernel holds now, as far as the plan cares.
 #[derive(Debug, Clone, Default)]
@@ -289,18 +293,7 @@ pub fn desired(
     let readiness: Vec<Readiness> = (0..config.uplinks.len())
         .map(|position| readiness(config, observed, position, strictness))
         .collect::<Result<_, _>>()?;
-    let lan_routes: Vec<&Route> = observed
-        .routes
-        .iter()
-        .filter(|r| r.table == MAIN_TABLE && r.kind == RouteKind::Unicast)
-        .filter(|r| {
-            config
-                .lan
-                .networks
-                .iter()
-                .any(|n| n.contains(&r.destination))
-        })
-        .collect();
+    let office_routes = office::office_routes(config, observed);
 
     let mut routes = Vec::new();
     let mut rules = Vec::new();
@@ -328,12 +321,18 @@ pub fn desired(
                     Some(uplink.gateway),
                 ));
                 routes.push(uplink_route(uplink, table, interface, *subnet, None));
-                for lan_route in &lan_routes {
-                    routes.push(Route {
+                // The uplink's own specific routes (a PPP peer, a DHCP server's host route),
+                // then every office route, so that a lookup in this table reaches the office.
+                let own = office::uplink_routes(config, observed, &interface.name);
+                for copied in own.into_iter().chain(office_routes.iter().copied()) {
+                    let copy = Route {
                         table,
                         protocol: ownership::PROTOCOL,
-                        ..(*lan_route).clone()
-                    });
+                        ..copied.clone()
+                    };
+                    if !routes.iter().any(|r: &Route| r.key() == copy.key()) {
+                        routes.push(copy);
+                    }
                 }
             }
             Readiness::Unavailable { reason } => {
@@ -406,14 +405,19 @@ pub fn desired(
         MAIN_TABLE,
     );
     main_specific.lookup.suppress_prefix_length = Some(0);
+    // `iif lo`: only the gateway's own traffic. Forwarded LAN traffic that the data plane did
+    // not mark must never take an uplink's default route with its private source.
+    main_specific.iif = Some(LOOPBACK.to_string());
     rules.push(main_specific);
-    rules.push(owned_rule(
+    let mut local_egress = owned_rule(
         ownership::PRIORITY_LOCAL_EGRESS,
         None,
         None,
         None,
         ownership::LOCAL_EGRESS_TABLE,
-    ));
+    );
+    local_egress.iif = Some(LOOPBACK.to_string());
+    rules.push(local_egress);
 
     Ok(Desired {
         routes,
@@ -456,6 +460,7 @@ fn owned_rule(
 ) -> Rule {
     Rule {
         priority,
+        iif: None,
         from,
         to,
         fwmark,

@@ -94,6 +94,8 @@ pub struct Lookup {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Rule {
     pub priority: u32,
+    /// Incoming interface; `lo` matches only the gateway's own traffic.
+    pub iif: Option<String>,
     pub from: Option<Ipv4Net>,
     pub to: Option<Ipv4Net>,
     /// Mark and mask.
@@ -105,6 +107,9 @@ pub struct Rule {
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "priority {}", self.priority)?;
+        if let Some(iif) = &self.iif {
+            write!(f, " iif {iif}")?;
+        }
         if let Some(from) = self.from {
             write!(f, " from {from}")?;
         }

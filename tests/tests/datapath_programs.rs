@@ -19,13 +19,13 @@ use balancer_common::{
         PROGRAM_LAN_INGRESS as LAN, PROGRAM_UPLINK_EGRESS as EGRESS,
         PROGRAM_UPLINK_INGRESS as INGRESS,
     },
+    policy::steered_mark,
     stats::{
         PASS_FRAGMENT, PASS_ICMP_ERROR_MALFORMED, PASS_ICMP_OTHER, PASS_LOCAL_DESTINATION,
-        PASS_MALFORMED, PASS_NOT_IPV4, PASS_NOT_TRANSLATED, PASS_OTHER_PROTOCOL,
-        PASS_TCP_WITHOUT_FLOW, PASS_WRONG_UPLINK, REASONS_LEN, UPLINK_NEW_FLOWS, UPLINK_RX_PACKETS,
-        UPLINK_TX_PACKETS,
+        PASS_MALFORMED, PASS_NOT_IPV4, PASS_NOT_TRANSLATED, PASS_OTHER_PROTOCOL, PASS_WRONG_UPLINK,
+        REASONS_LEN, UPLINK_NEW_FLOWS, UPLINK_RX_PACKETS, UPLINK_TX_PACKETS,
     },
-    uplink::Settings,
+    uplink::{DESTINATION_PASS, Settings},
 };
 use datapath::{
     check::{FOREIGN_MARK, flow_key, reply_to, round_trip},
@@ -35,6 +35,8 @@ use datapath::{
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 const SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// A host behind another interface of the gateway (a branch office).
+const OFFICE: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 7);
 /// An IPv4 option (NOP, NOP, NOP, EOL) so the L4 header is not at the usual offset.
 const OPTIONS: [u8; 4] = [1, 1, 1, 0];
 
@@ -74,18 +76,23 @@ fn flows_round_trip_with_correct_checksums() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the programs leave alone. LAN packets here go to an office destination (a pass entry
+/// of `DESTINATIONS`); the same packets headed for the internet are dropped
+/// (`datapath_office`).
 #[test]
 fn untranslated_traffic_passes_untouched_and_is_counted() -> anyhow::Result<()> {
     let mut ipv6 = Packet::tcp((CLIENT, 40_000), (SERVER, 443), TCP_SYN);
     ipv6.ether_type = 0x86dd;
-    let mut fragment = Packet::udp((CLIENT, 40_000), (SERVER, 53));
+    let mut fragment = Packet::udp((CLIENT, 40_000), (OFFICE, 53));
     fragment.frag_off = 0x2000 | 185; // MF, offset 1480
+    let mut fragment_at_egress = Packet::udp((CLIENT, 40_000), (SERVER, 53));
+    fragment_at_egress.frag_off = fragment.frag_off;
     let cases = [
         (
-            "tcp without flow",
+            "tcp without flow to the office",
             LAN,
-            Packet::tcp((CLIENT, 40_000), (SERVER, 443), TCP_ACK),
-            PASS_TCP_WITHOUT_FLOW,
+            Packet::tcp((CLIENT, 40_000), (OFFICE, 443), TCP_ACK),
+            PASS_LOCAL_DESTINATION,
         ),
         (
             "lan destination",
@@ -103,21 +110,26 @@ fn untranslated_traffic_passes_untouched_and_is_counted() -> anyhow::Result<()> 
         (
             "gre",
             LAN,
-            Packet::other(CLIENT, SERVER, 47),
+            Packet::other(CLIENT, OFFICE, 47),
             PASS_OTHER_PROTOCOL,
         ),
         ("later fragment", LAN, fragment.clone(), PASS_FRAGMENT),
-        ("later fragment at egress", EGRESS, fragment, PASS_FRAGMENT),
+        (
+            "later fragment at egress",
+            EGRESS,
+            fragment_at_egress,
+            PASS_FRAGMENT,
+        ),
         (
             "icmp unreachable quoting no packet",
             LAN,
-            Packet::icmp_echo(CLIENT, SERVER, 3, 1),
+            Packet::icmp_echo(CLIENT, OFFICE, 3, 1),
             PASS_ICMP_ERROR_MALFORMED,
         ),
         (
             "icmp redirect",
             LAN,
-            Packet::icmp_echo(CLIENT, SERVER, 5, 1),
+            Packet::icmp_echo(CLIENT, OFFICE, 5, 1),
             PASS_ICMP_OTHER,
         ),
         (
@@ -139,14 +151,22 @@ fn untranslated_traffic_passes_untouched_and_is_counted() -> anyhow::Result<()> 
             PASS_ICMP_OTHER,
         ),
     ];
-    let dp = Datapath::load()?;
+    let mut dp = Datapath::load()?;
+    dp.add_destination(OFFICE, 16, DESTINATION_PASS)?;
     for (name, program, packet, reason) in cases {
         let frame = packet.bytes();
         let before = dp.reason(reason)?;
         let run = dp.run(program, &frame, FOREIGN_MARK)?;
         assert_eq!(run.action, PASS, "{name}");
         assert_eq!(run.data, frame, "{name}: bytes changed");
-        assert_eq!(run.mark, FOREIGN_MARK, "{name}: mark changed");
+        // What arrives on an uplink untranslated is marked for that uplink (`inbound`), so
+        // rp_filter and the rules agree with the way it came; the other mark bits stay.
+        let mark = if program == INGRESS && reason == PASS_NOT_TRANSLATED {
+            steered_mark(FOREIGN_MARK, 1 << 24)
+        } else {
+            FOREIGN_MARK
+        };
+        assert_eq!(run.mark, mark, "{name}: mark");
         assert_eq!(
             dp.reason(reason)? - before,
             1,
@@ -269,12 +289,18 @@ fn tcp_state_and_stale_flows() -> anyhow::Result<()> {
 }
 
 /// Every truncation of a TCP packet, bad IHLs, lying lengths: passed byte-identical by all
-/// three programs and counted as malformed.
+/// three programs and counted as malformed. Addressed to the LAN: toward the internet, a
+/// malformed L4 header behind a valid IPv4 header is dropped at LAN ingress instead
+/// (`datapath_office`).
 #[test]
 fn malformed_packets_pass_byte_identical() -> anyhow::Result<()> {
-    let good = Packet::tcp((CLIENT, 40_000), (SERVER, 443), TCP_SYN)
-        .with_options(&OPTIONS)
-        .bytes();
+    let good = Packet::tcp(
+        (CLIENT, 40_000),
+        (Ipv4Addr::new(198, 18, 0, 9), 443),
+        TCP_SYN,
+    )
+    .with_options(&OPTIONS)
+    .bytes();
     let mut cases: Vec<(String, Vec<u8>)> = (14..good.len())
         .map(|len| (format!("truncated to {len}"), good[..len].to_vec()))
         .collect();

@@ -179,3 +179,34 @@ fn track_dns_health_and_proxy_sections_parse_and_check() {
     let bad_health = error_of(&format!("{GOOD}\n[health]\ndown_after = 0\n"));
     assert_eq!(bad_health.key, "health.down_after");
 }
+
+#[test]
+fn route_tables_and_pass_untranslated() {
+    let with = |lines: &str| {
+        GOOD.replace(
+            "networks = [\"198.18.0.0/24\"]",
+            &format!("networks = [\"198.18.0.0/24\"]\n{lines}"),
+        )
+    };
+    let config =
+        Config::parse(&with("route_tables = [220, 100]\npass_untranslated = true")).unwrap();
+    assert_eq!(config.lan.route_tables, [220, 100]);
+    assert!(config.lan.pass_untranslated);
+    let defaults = Config::parse(GOOD).unwrap();
+    assert!(defaults.lan.route_tables.is_empty());
+    assert!(!defaults.lan.pass_untranslated);
+    for (bad, message) in [
+        ("route_tables = [2001]", "balancer's own"),
+        ("route_tables = [254]", "main table"),
+        ("route_tables = [255]", "local table"),
+        ("route_tables = [0]", "not a routing table id"),
+        ("route_tables = [220, 220]", "listed twice"),
+    ] {
+        let error = error_of(&with(bad));
+        assert!(error.key.starts_with("lan.route_tables["), "{bad}: {error}");
+        assert_eq!(error.line, Some(5), "{bad}: {error}");
+        assert!(error.message.contains(message), "{bad}: {error}");
+    }
+    let error = error_of(&with("pass_untranslated = 1"));
+    assert_eq!(error.line, Some(5), "{error}");
+}

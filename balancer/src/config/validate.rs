@@ -29,6 +29,9 @@ pub(super) struct RawConfig {
 struct RawLan {
     interfaces: Spanned<Vec<Spanned<String>>>,
     networks: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    route_tables: Vec<Spanned<i64>>,
+    pass_untranslated: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -232,9 +235,49 @@ impl Validator<'_> {
             }
             networks.push(network);
         }
+        let mut route_tables = Vec::new();
+        for (index, table) in raw.route_tables.into_iter().enumerate() {
+            let key = format!("lan.route_tables[{index}]");
+            self.note(&key, &table);
+            let value = *table.get_ref();
+            let id = u32::try_from(value)
+                .ok()
+                .filter(|id| *id >= 1)
+                .ok_or_else(|| {
+                    self.error(&key, &table, format!("{value} is not a routing table id"))
+                })?;
+            let refusal = if id == 254 {
+                Some("the main table is always read; list only other tables".to_string())
+            } else if id == 255 {
+                Some("the local table holds the gateway's own addresses, not routes".to_string())
+            } else if ownership::TABLE_RANGE.contains(&id) {
+                Some(format!(
+                    "tables {}-{} are the balancer's own",
+                    ownership::TABLE_RANGE.start(),
+                    ownership::TABLE_RANGE.end()
+                ))
+            } else if route_tables.contains(&id) {
+                Some(format!("table {id} is listed twice"))
+            } else {
+                None
+            };
+            if let Some(message) = refusal {
+                return Err(self.error(&key, &table, message));
+            }
+            route_tables.push(id);
+        }
+        let pass_untranslated = match &raw.pass_untranslated {
+            Some(value) => {
+                self.note("lan.pass_untranslated", value);
+                *value.get_ref()
+            }
+            None => false,
+        };
         Ok(Lan {
             interfaces,
             networks,
+            route_tables,
+            pass_untranslated,
         })
     }
 

@@ -6,11 +6,11 @@ use std::net::Ipv4Addr;
 use balancer_common::{
     maps::{PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS},
     policy::smooth_weighted_schedule,
-    uplink::{DESTINATION_PASS, SCHEDULE_SLOTS, Settings},
+    uplink::{DESTINATION_ENTRIES, DESTINATION_PASS, SCHEDULE_SLOTS, Settings},
 };
 use ipnet::Ipv4Net;
 
-use crate::{config::Config, plan::Observed, routing::Interface};
+use crate::{config::Config, office, plan::Observed, routing::Interface};
 
 /// One uplink as the programs see it (the generation is kept by the map, see `Dataplane`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +116,13 @@ pub fn desired(
                 destinations.push((subnet, uplink.id));
             }
         }
+        // Its other specific routes (a PPP peer, a DHCP server's host route) are its too.
+        for route in office::uplink_routes(config, observed, &uplink.interface) {
+            let net = route.destination.trunc();
+            if !destinations.iter().any(|(existing, _)| *existing == net) {
+                destinations.push((net, uplink.id));
+            }
+        }
     }
     for name in &config.lan.interfaces {
         if let Some(link) = link(name) {
@@ -126,10 +133,16 @@ pub fn desired(
             });
         }
     }
-    // LAN networks, loopback and every address of the gateway itself pass untouched. These are
+    // LAN networks, office destinations, loopback and every address of the gateway itself pass
+    // untouched. These are
     // more specific than (or disjoint from) the uplink subnets, so longest-prefix match keeps
     // the gateway's own uplink addresses local.
     let mut pass: Vec<Ipv4Net> = config.lan.networks.clone();
+    pass.extend(
+        office::office_routes(config, observed)
+            .into_iter()
+            .map(|route| route.destination.trunc()),
+    );
     pass.push(Ipv4Net::new(Ipv4Addr::new(127, 0, 0, 0), 8).unwrap_or_default());
     pass.extend(
         observed
@@ -154,14 +167,19 @@ pub fn desired(
     let settings = Settings {
         nat_port_min: data.nat_port_min,
         nat_port_max: data.nat_port_max,
-        _pad: 0,
+        local_port_min: observed.local_port_range.map_or(0, |(low, _)| low),
+        local_port_max: observed.local_port_range.map_or(0, |(_, high)| high),
         tcp_syn_timeout_ns: seconds(data.tcp_syn_timeout),
         tcp_established_timeout_ns: seconds(data.tcp_established_timeout),
         tcp_closing_timeout_ns: seconds(data.tcp_closing_timeout),
         udp_timeout_ns: seconds(data.udp_timeout),
         icmp_timeout_ns: seconds(data.icmp_timeout),
+        drop_untranslated: u8::from(!config.lan.pass_untranslated),
+        _pad: [0; 7],
     };
     attachments.sort();
+    // The trie's capacity; the first entries (uplink subnets, LAN, office routes) matter most.
+    destinations.truncate(DESTINATION_ENTRIES as usize);
     DataplaneDesired {
         uplinks,
         schedule: schedule(&weights),

@@ -178,8 +178,9 @@ const PROGRAMS: [&str; 3] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
     names::FLOWS,
+    names::INBOUND,
     names::NAT_REVERSE,
     names::UPLINKS,
     names::UPLINK_BY_IFINDEX,

@@ -12,9 +12,9 @@ use aya::{
     programs::SchedClassifier,
 };
 use balancer_common::{
-    flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
+    flow::{FlowEntry, FlowKey, InboundEntry, InboundKey, ReverseEntry, ReverseKey},
     maps::{
-        DESTINATIONS, FLOWS, NAT_REVERSE, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS,
+        DESTINATIONS, FLOWS, INBOUND, NAT_REVERSE, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS,
         PROGRAM_UPLINK_INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX,
         UPLINK_COUNTERS, UPLINKS,
     },
@@ -95,7 +95,10 @@ impl Datapath {
             )?;
         }
         datapath.set_weights(&[(1, 2), (2, 2), (3, 1)])?;
-        datapath.set_settings(Settings::default())?;
+        datapath.set_settings(Settings {
+            drop_untranslated: 1,
+            ..Settings::default()
+        })?;
         datapath.add_destination(Ipv4Addr::new(198, 18, 0, 0), 24, DESTINATION_PASS)?;
         datapath.add_destination(Ipv4Addr::new(198, 18, 1, 0), 24, 1)?;
         datapath.act_for_uplink(1)?;
@@ -215,6 +218,12 @@ impl Datapath {
             self.map_mut(NAT_REVERSE)?.try_into()?;
         map.insert(key, value, 0)?;
         Ok(())
+    }
+
+    /// The inbound connections (`INBOUND`) the programs recorded.
+    pub fn inbound(&self) -> anyhow::Result<Vec<(InboundKey, InboundEntry)>> {
+        let map: HashMap<&MapData, InboundKey, InboundEntry> = self.map(INBOUND)?.try_into()?;
+        Ok(map.iter().collect::<Result<_, _>>()?)
     }
 
     fn per_cpu_sum(&self, name: &str, index: u32) -> anyhow::Result<u64> {

@@ -28,6 +28,7 @@ mod dns;
 mod icmp_probe;
 mod net;
 mod ping;
+mod raw;
 mod serve;
 mod source;
 
@@ -180,6 +181,24 @@ enum Cmd {
         ttl: u32,
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+    },
+    /// Send packets no ordinary socket sends: `--protocol N` (a raw IPv4 packet of that
+    /// protocol), `--stray-tcp` (an ACK of no connection to --dst-port), or `--dhcp IFACE` (UDP
+    /// 0.0.0.0:68 -> 255.255.255.255:67 in a broadcast frame); prints `sent N`.
+    RawSend {
+        /// Destination (ignored with --dhcp).
+        #[arg(default_value = "255.255.255.255")]
+        dst: Ipv4Addr,
+        #[arg(long, conflicts_with_all = ["stray_tcp", "dhcp"])]
+        protocol: Option<u8>,
+        #[arg(long, conflicts_with = "dhcp")]
+        stray_tcp: bool,
+        #[arg(long, default_value_t = 9000)]
+        dst_port: u16,
+        #[arg(long)]
+        dhcp: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
     },
     /// Wait until every given TCP address accepts a connection.
     WaitTcp {
@@ -354,6 +373,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ttl.clamp(1, 255),
             Duration::from_millis(timeout_ms.clamp(1, 60_000)),
         ),
+        Cmd::RawSend {
+            dst,
+            protocol,
+            stray_tcp,
+            dst_port,
+            dhcp,
+            count,
+        } => {
+            let kind = match (protocol, stray_tcp, dhcp) {
+                (Some(protocol), false, None) => raw::RawKind::Protocol(protocol),
+                (None, true, None) => raw::RawKind::StrayTcp {
+                    src_port: 40_404,
+                    dst_port,
+                },
+                (None, false, Some(interface)) => raw::RawKind::DhcpBroadcast { interface },
+                _ => bail!("give exactly one of --protocol, --stray-tcp, --dhcp"),
+            };
+            raw::raw_send(&kind, dst, bounded_count(count)?)
+        }
         Cmd::WaitTcp { addrs, timeout_ms } => {
             let deadline = Instant::now() + Duration::from_millis(timeout_ms);
             for addr in addrs {
