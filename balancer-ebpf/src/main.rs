@@ -12,6 +12,7 @@ mod lan_ingress;
 mod maps;
 mod mss;
 mod nat;
+mod own_socket;
 mod parse;
 mod reference;
 mod uplink_egress;
