@@ -38,7 +38,10 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
             // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             // SAFETY: the value is a plain u32, copied out at once.
-            (unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied(), own_reply)
+            (
+                unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied(),
+                own_reply,
+            )
         }
     };
     if let Some(id) = id {
