@@ -13,7 +13,12 @@ pub const UPLINK_NAT_EXHAUSTED: u32 = 5;
 /// end (SYN-ACK or RST): a line that passes pings but drops TCP shows as new flows without answers.
 pub const UPLINK_TCP_NEW_FLOWS: u32 = 6;
 pub const UPLINK_TCP_ANSWERED: u32 = 7;
-pub const UPLINK_COUNTER_FIELDS: u32 = 8;
+/// Packets received on the uplink that answer nothing: neither a reply of a translated flow nor
+/// a packet of one of the gateway's own connections (scans, stray datagrams, ICMP). Received
+/// minus unsolicited is what proves the line carries traffic both ways (health liveness).
+/// Counted off the reply path, so an ordinary reply pays nothing for it.
+pub const UPLINK_RX_UNSOLICITED: u32 = 8;
+pub const UPLINK_COUNTER_FIELDS: u32 = 9;
 pub const UPLINK_COUNTERS_LEN: u32 = crate::uplink::UPLINK_SLOTS * UPLINK_COUNTER_FIELDS;
 
 /// Why a packet was passed untouched or dropped: `REASONS[reason]`.

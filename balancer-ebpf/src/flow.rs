@@ -56,8 +56,10 @@ pub fn reverse_key(key: &FlowKey, uplink_addr: u32, nat_port: u16) -> ReverseKey
 }
 
 /// Looks `key` up and decides whether the flow is still good. A flow is released lazily when
-/// its uplink's generation moved on (disabled since), when the uplink no longer takes flows
-/// (unless the flow was forced onto it by a destination), or when it idled out.
+/// its uplink's generation moved on (user space released the uplink's flows: silent past the
+/// reset delay, or a new address) or when it idled out. An uplink merely out of the rotation
+/// keeps its flows: a blip must cost nothing, and a line back before the reset delay finds
+/// its connections working.
 #[inline(always)]
 pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
     let Some(entry) = FLOWS.get_ptr_mut(key) else {
@@ -69,7 +71,6 @@ pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
         Some(uplink) => {
             uplink.source_addr != 0
                 && uplink.generation == e.uplink_generation
-                && (uplink.enabled == 1 || e.flags & FLOW_FLAG_FORCED != 0)
                 && (!flow_expired(e, key.protocol, settings, now_ns)
                     || replies_keep_alive(key, e, settings, now_ns))
         }

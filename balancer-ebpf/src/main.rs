@@ -13,6 +13,7 @@ mod lan_ingress;
 mod maps;
 mod mss;
 mod nat;
+mod own_socket;
 mod parse;
 mod reference;
 mod untranslated;

@@ -1,6 +1,6 @@
 //! Uplink egress: count, clamp the MSS of SYNs, then source-NAT the packets of flows assigned
-//! to this uplink, later fragments of their datagrams, and LAN clients' ICMP errors about their
-//! replies. Runs after routing, so the packet is known to leave by this uplink; a flow of
+//! to this uplink, later fragments of their datagrams (also those the gateway made itself), and
+//! LAN clients' ICMP errors about their replies. Runs after routing, so the packet is known to leave by this uplink; a flow of
 //! another uplink here means marks and routes disagree, and translating it would only hide that.
 
 use aya_ebpf::programs::TcContext;
@@ -105,8 +105,14 @@ fn translate(ctx: &TcContext, ifindex: u32) -> Result<Option<u32>, u32> {
     };
     let entry = FLOWS.get_ptr(&key).ok_or(PASS_NOT_TRANSLATED)?;
     // SAFETY: a successful lookup returns a pointer to the value; fields are copied out.
-    let (uplink_id, uplink_addr, nat_port) =
-        unsafe { ((*entry).uplink_id, (*entry).uplink_addr, (*entry).nat_port) };
+    let (uplink_id, uplink_addr, nat_port, mark) = unsafe {
+        (
+            (*entry).uplink_id,
+            (*entry).uplink_addr,
+            (*entry).nat_port,
+            (*entry).mark,
+        )
+    };
     let id = u32::from(uplink_id);
     let leaves_by_its_uplink = UPLINKS
         .get(id)
@@ -114,6 +120,10 @@ fn translate(ctx: &TcContext, ifindex: u32) -> Result<Option<u32>, u32> {
     if !leaves_by_its_uplink {
         return Err(PASS_WRONG_UPLINK);
     }
+    // A first fragment here may be one the gateway made itself (the uplink's MTU is below the
+    // LAN's and DF was clear): LAN ingress saw a whole datagram and remembered nothing, so the
+    // later fragments find their translation only if it is remembered here.
+    fragments::remember(&packet.ip, uplink_addr, mark, uplink_id);
     rewrite(ctx, &packet, Side::Source, uplink_addr, nat_port)?;
     Ok(Some(id))
 }

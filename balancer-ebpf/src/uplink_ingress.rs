@@ -11,7 +11,7 @@ use balancer_common::{
     policy::{TCP_FIN, TCP_RST, TCP_SYN, flow_after_packet},
     stats::{
         PASS_ICMP_OTHER, PASS_NOT_TRANSLATED, UPLINK_RX_BYTES, UPLINK_RX_PACKETS,
-        UPLINK_TCP_ANSWERED,
+        UPLINK_RX_UNSOLICITED, UPLINK_TCP_ANSWERED,
     },
 };
 
@@ -22,34 +22,43 @@ use crate::{
     lan_ingress::set_mark,
     maps::{FLOWS, NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
     nat::{Side, rewrite},
+    own_socket,
     parse::{parse_ipv4, parse_l4},
 };
 
 #[inline(always)]
 pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
-    let result = translate(ctx);
+    let mut own_reply = false;
+    let result = translate(ctx, &mut own_reply);
     // A reply of a flow is counted on the flow's uplink, which is the interface it arrived on:
     // that saves the hot path a hash lookup. Everything else finds its uplink by interface.
-    let id = match result {
-        Ok(Some(id)) => Some(u32::from(id)),
+    let (id, answer) = match result {
+        Ok(Some(id)) => (Some(u32::from(id)), true),
         _ => {
             // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             // SAFETY: the value is a plain u32, copied out at once.
-            unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied()
+            (
+                unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied(),
+                own_reply,
+            )
         }
     };
     if let Some(id) = id {
         bump_uplink(id, UPLINK_RX_PACKETS, 1);
         bump_uplink(id, UPLINK_RX_BYTES, u64::from(ctx.len()));
+        if !answer {
+            bump_uplink(id, UPLINK_RX_UNSOLICITED, 1);
+        }
     }
     result.map(|_| ())
 }
 
 /// Reverse-translates the packet if it belongs to a flow; `Ok(Some(uplink id))` for a reply
-/// of a flow, `Ok(None)` for the other packets it translated.
+/// of a flow, `Ok(None)` for the other packets it translated. Sets `own_reply` for a packet of
+/// one of the gateway's own connections (passed untouched).
 #[inline(always)]
-fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
+fn translate(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
     let ip = parse_ipv4(ctx)?;
     if ip.later_fragment {
         return fragments::translate(ctx, &ip, Side::Destination, 0).map(|()| None);
@@ -86,6 +95,7 @@ fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
     };
     let Some(value) = NAT_REVERSE.get_ptr_mut(&reverse) else {
         // Not one of our flows: the gateway's own traffic, or a connection from outside.
+        *own_reply = own_socket::answers(ctx, &packet);
         inbound::arrived(ctx, &packet);
         return Err(PASS_NOT_TRANSLATED);
     };

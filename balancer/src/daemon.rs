@@ -96,6 +96,8 @@ struct Daemon {
     health: Option<health::Monitor>,
     /// Uplinks whose new TCP flows go unanswered while others' are answered.
     passive: health::passive::PassiveDetector,
+    /// Turns the data plane's answer counters into liveness (see `health::liveness`).
+    traffic: health::liveness::TrafficWatch,
 }
 
 impl Daemon {
@@ -225,28 +227,6 @@ fn write_uplink_names(config: &Config, state_dir: &StateDir) {
 type HealthFigures =
     std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u32, health::UplinkHealth>>>;
 
-/// Where the TCP connect that clears a passive verdict goes: the uplink's first `tcp:` target,
-/// else its first probe address on port 443 (a refusal counts: the RST came back over the line).
-fn acquittal_target(
-    uplink: &crate::config::Uplink,
-) -> Option<(std::net::Ipv4Addr, std::net::SocketAddrV4)> {
-    use crate::config::ProbeTarget;
-    let target = uplink
-        .track
-        .iter()
-        .find_map(|t| match t {
-            ProbeTarget::Tcp(address) => Some(*address),
-            ProbeTarget::Icmp(_) => None,
-        })
-        .or_else(|| {
-            uplink.track.iter().find_map(|t| match t {
-                ProbeTarget::Icmp(address) => Some(std::net::SocketAddrV4::new(*address, 443)),
-                ProbeTarget::Tcp(_) => None,
-            })
-        })?;
-    Some((uplink.source, target))
-}
-
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -338,6 +318,7 @@ async fn serve(
         dataplane,
         health: None,
         passive: Default::default(),
+        traffic: Default::default(),
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -364,6 +345,7 @@ async fn serve(
     let monitor = health::spawn(&daemon.config);
     let mut verdicts = monitor.verdicts.clone();
     let figures = monitor.figures.clone();
+    let liveness = monitor.liveness.clone();
     daemon.health = Some(monitor);
 
     let socket = state_dir.socket();
@@ -400,7 +382,12 @@ async fn serve(
                         continue;
                     }
                 };
-                let newly = daemon.passive.observe(std::time::Instant::now(), counters);
+                let now = std::time::Instant::now();
+                match dataplane.answer_counters() {
+                    Ok(answers) => daemon.traffic.observe(now, answers, &liveness),
+                    Err(error) => tracing::warn!(error = %error_chain(&error), "reading the answer counters"),
+                }
+                let newly = daemon.passive.observe(now, counters, &liveness.rtts());
                 for (id, why) in &newly {
                     tracing::info!(uplink = id, reason = %why, "uplink down by passive detection");
                     if let Ok(mut figures) = figures.lock()
@@ -414,13 +401,18 @@ async fn serve(
                     if !acquittals_running.insert(id) {
                         continue;
                     }
+                    let elsewhere = dataplane
+                        .answered_tcp_remotes(id, health::passive::ACQUITTAL_FROM_FLOWS)
+                        .unwrap_or_default();
                     let uplink = daemon.config.uplinks.iter().find(|u| u.id == id).cloned();
                     let results = acquittal_results.clone();
                     tokio::spawn(async move {
-                        let ok = match uplink.as_ref().and_then(acquittal_target) {
-                            Some((source, target)) => {
+                        let ok = match uplink {
+                            Some(uplink) => {
                                 tokio::time::sleep(Duration::from_millis(500)).await;
-                                health::probe::tcp_probe(source, target, Duration::from_secs(1)).await.is_some()
+                                let targets = health::passive::acquittal_targets(&uplink.track, &elsewhere);
+                                let connects = targets.iter().map(|target| health::probe::tcp_probe(uplink.source, *target, Duration::from_secs(1)));
+                                futures::future::join_all(connects).await.iter().any(Option::is_some)
                             }
                             None => false,
                         };
@@ -445,7 +437,7 @@ async fn serve(
             }
             _ = reset_check.tick() => {
                 if let Some(dataplane) = &mut daemon.dataplane
-                    && let Err(error) = dataplane.reset_due(reset_after)
+                    && let Err(error) = dataplane.reset_due(reset_after, &liveness)
                 {
                     tracing::warn!(error = %error_chain(&error), "resetting connections on an uplink out of the rotation");
                 }

@@ -319,6 +319,38 @@ fn reassemble(first: &[u8], last: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// The gateway fragments a datagram itself (the uplink's MTU is below the LAN's, DF clear):
+/// LAN ingress saw it whole, so only uplink egress sees fragments. Every one of them leaves
+/// translated, and the reassembled datagram has a right UDP checksum.
+#[test]
+fn fragments_the_gateway_made_are_all_translated() -> anyhow::Result<()> {
+    let mut dp = Datapath::load()?;
+    let mut request = Packet::udp((CLIENT, 40_010), (SERVER, 53));
+    request.payload = (0..64u8).collect();
+    let whole = request.bytes();
+    let lan = dp.run(LAN, &whole, 0)?;
+    let id = (lan.mark >> 24) as u8;
+    ensure!(lan.action == PASS && id != 0, "datagram not steered");
+    let entry = dp
+        .flow(&datapath::check::flow_key(&request))?
+        .context("no flow")?;
+    dp.act_for_uplink(u32::from(id))?;
+    let (first, last) = fragment(&whole, 32, 0x5151);
+    let out_first = dp.run(EGRESS, &first, 0)?.data;
+    only_changed(&first, &out_first, &translated_ranges(&first, true))?;
+    let out_last = dp.run(EGRESS, &last, 0)?.data;
+    only_changed(&last, &out_last, &[24..26, 26..30])?;
+    ensure!(
+        view(&out_last).src == uplink_addr(id),
+        "later fragment left untranslated: {}",
+        view(&out_last).src
+    );
+    let reassembled = reassemble(&out_first, &out_last);
+    verify_checksums(&reassembled).map_err(anyhow::Error::msg)?;
+    ensure!(view(&reassembled).src_port == u16::from_be(entry.nat_port));
+    Ok(())
+}
+
 /// A fragmented UDP datagram each way: the first fragment creates or finds the flow and is
 /// translated like any packet, the later one gets the same address and mark by IP id; the
 /// reassembled result has a right UDP checksum. Unknown later fragments pass untouched.

@@ -29,8 +29,8 @@ impl Dataplane {
             .map_err(write_error(names::SETTINGS))
     }
 
-    /// Writes every uplink slot. The generation moves on whenever a slot stops taking new flows
-    /// or changes address, which releases the flows pinned to it lazily in the kernel.
+    /// Writes every uplink slot. The generation moves on whenever a slot changes address (or
+    /// goes), which releases the flows pinned to it lazily in the kernel.
     pub(super) fn write_uplinks(
         &mut self,
         desired: &DataplaneDesired,
@@ -53,8 +53,9 @@ impl Dataplane {
                     ..UplinkInfo::default()
                 },
             };
-            let released =
-                old.enabled == 1 && (new.enabled == 0 || new.source_addr != old.source_addr);
+            // Leaving the rotation keeps the flows (`reset::reset_due` releases them once the
+            // uplink stays silent); a new address makes them useless at once.
+            let released = old.source_addr != 0 && new.source_addr != old.source_addr;
             let new = UplinkInfo {
                 generation: old.generation.wrapping_add(u32::from(released)),
                 ..new
@@ -367,6 +368,63 @@ impl Dataplane {
             );
         }
         Ok(result)
+    }
+
+    /// Per uplink in the rotation's slots: packets received that answered something (a flow's
+    /// reply or a packet of the gateway's own connections), since attach.
+    pub fn answer_counters(&self) -> Result<BTreeMap<u32, u64>, DataplaneError> {
+        use balancer_common::stats::{
+            UPLINK_COUNTER_FIELDS, UPLINK_RX_PACKETS, UPLINK_RX_UNSOLICITED,
+        };
+        let counters: aya::maps::PerCpuArray<_, u64> =
+            typed_ref(&self.ebpf, names::UPLINK_COUNTERS)?;
+        let sum = |index: u32| -> Result<u64, DataplaneError> {
+            let values = counters
+                .get(&index, 0)
+                .map_err(read_error(names::UPLINK_COUNTERS))?;
+            Ok(values.iter().fold(0u64, |total, v| total.wrapping_add(*v)))
+        };
+        let mut result = BTreeMap::new();
+        for slot in self.written.iter().flat_map(|w| &w.uplinks) {
+            let base = slot.id * UPLINK_COUNTER_FIELDS;
+            let received = sum(base + UPLINK_RX_PACKETS)?;
+            result.insert(
+                slot.id,
+                received.wrapping_sub(sum(base + UPLINK_RX_UNSOLICITED)?),
+            );
+        }
+        Ok(result)
+    }
+
+    /// Up to `limit` distinct remote ends (address, port) of answered TCP flows on uplinks
+    /// other than `id`: places known to answer TCP right now, for a connect through `id`.
+    pub fn answered_tcp_remotes(
+        &self,
+        id: u32,
+        limit: usize,
+    ) -> Result<Vec<std::net::SocketAddrV4>, DataplaneError> {
+        use balancer_common::flow::{FLOW_FLAG_ANSWERED, PROTOCOL_TCP};
+        let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
+        let mut remotes = Vec::new();
+        for (key, entry) in flows.iter().filter_map(Result::ok) {
+            if key.protocol != PROTOCOL_TCP
+                || u32::from(entry.uplink_id) == id
+                || entry.flags & FLOW_FLAG_ANSWERED == 0
+            {
+                continue;
+            }
+            let remote = std::net::SocketAddrV4::new(
+                address_of(key.remote_addr),
+                u16::from_be(key.remote_port),
+            );
+            if !remotes.contains(&remote) {
+                remotes.push(remote);
+                if remotes.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(remotes)
     }
 }
 

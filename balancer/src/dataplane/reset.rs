@@ -1,5 +1,11 @@
-//! Resetting the LAN clients' TCP connections stuck on a dead uplink, so they reconnect (and get
-//! a live uplink) instead of hanging until their own timeouts.
+//! Releasing the flows of a dead uplink: the LAN clients' TCP connections on it are reset, so
+//! they reconnect (and get a live uplink) instead of hanging until their own timeouts, and the
+//! uplink's generation moves on, so its other flows get a live uplink with their next packet.
+//!
+//! Leaving the rotation releases nothing by itself: a carrier blip or a probe verdict on a
+//! line that comes back must cost no connection. The flows go only once the uplink has been
+//! out of the rotation for the reset delay with nothing answered on it: the first answered
+//! probe, reply of a flow or packet of the gateway's own connections stops that clock.
 //!
 //! The data plane saw both directions of every flow, so the flow table holds the sequence
 //! number the client expects next from the server (`remote_seq_next`). An RST from the server's
@@ -14,6 +20,7 @@ use aya::maps::HashMap;
 use balancer_common::{
     flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP},
     maps as names,
+    uplink::UplinkInfo,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -21,10 +28,15 @@ use super::{Dataplane, DataplaneError, maps::typed};
 use crate::packet::internet_checksum;
 
 impl Dataplane {
-    /// Resets the flows of every uplink that has been out of the rotation for at least `after`,
-    /// once per outage. Nothing is reset while no uplink is usable: then the uplinks with
-    /// carrier keep carrying what they can, and resetting would only make things worse.
-    pub fn reset_due(&mut self, after: std::time::Duration) -> Result<usize, DataplaneError> {
+    /// Releases the flows of every uplink that has been out of the rotation, with nothing
+    /// answered on it, for at least `after`; once per outage. Nothing is released while no
+    /// uplink is usable: then the uplinks with carrier keep carrying what they can, and
+    /// resetting would only make things worse. Returns how many clients were reset.
+    pub fn reset_due(
+        &mut self,
+        after: std::time::Duration,
+        liveness: &crate::health::Liveness,
+    ) -> Result<usize, DataplaneError> {
         let Some(written) = &self.written else {
             return Ok(0);
         };
@@ -34,21 +46,44 @@ impl Dataplane {
         let due: Vec<u32> = self
             .disabled_since
             .iter()
-            .filter(|(id, since)| since.elapsed() >= after && !self.reset_done.contains(id))
+            .filter(|(id, since)| {
+                let silent_since = liveness
+                    .last_answer(**id)
+                    .map_or(**since, |answered| answered.max(**since));
+                silent_since.elapsed() >= after && !self.reset_done.contains(id)
+            })
             .map(|(id, _)| *id)
             .collect();
         let mut total = 0;
         for id in due {
             let reset = self.reset_flows_of(id)?;
+            self.release_flows_of(id)?;
             tracing::info!(
                 uplink = id,
                 reset,
-                "reset the TCP connections stuck on an uplink out of the rotation"
+                "released the flows of an uplink silent past the reset delay; reset its TCP connections"
             );
             self.reset_done.insert(id);
             total += reset;
         }
         Ok(total)
+    }
+
+    /// Moves uplink `id`'s generation on: every flow still pinned to it is stale for the
+    /// programs, and its next packet (a SYN or datagram) gets a live uplink.
+    fn release_flows_of(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let mut uplinks: aya::maps::Array<_, UplinkInfo> = typed(&mut self.ebpf, names::UPLINKS)?;
+        let mut slot = uplinks.get(&id, 0).map_err(|source| DataplaneError::Map {
+            map: names::UPLINKS,
+            source: Box::new(source),
+        })?;
+        slot.generation = slot.generation.wrapping_add(1);
+        uplinks
+            .set(id, slot, 0)
+            .map_err(|source| DataplaneError::WriteMap {
+                map: names::UPLINKS,
+                source: Box::new(source),
+            })
     }
 
     /// Notes which uplinks left or rejoined the rotation, for [`Dataplane::reset_due`].

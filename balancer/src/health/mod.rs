@@ -4,8 +4,11 @@
 //! daemon sees it in the kernel's link events and disables the uplink at once.
 //!
 //! One task per tracked uplink and one per probe round (rounds overlap when the timeout is
-//! longer than the interval); no process per probe.
+//! longer than the interval); no process per probe. A round is judged at its deadline, but its
+//! probes wait longer: a late answer still teaches the RTT, so deadlines follow a line's delay
+//! under load, and counts as an answer for `liveness`.
 
+pub mod liveness;
 pub mod passive;
 pub mod probe;
 mod tracker;
@@ -19,7 +22,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-pub use self::tracker::{State, Tracker, Transition};
+pub use self::{
+    liveness::Liveness,
+    tracker::{State, Tracker, Transition},
+};
 use crate::config::{Config, Health, ProbeTarget, Uplink};
 
 /// What `balancer status` shows about one uplink's health.
@@ -45,6 +51,8 @@ pub struct UplinkHealth {
 pub struct Monitor {
     pub figures: Arc<Mutex<BTreeMap<u32, UplinkHealth>>>,
     pub verdicts: watch::Receiver<BTreeMap<u32, State>>,
+    /// When each uplink last answered anything (probes or traffic), and its smoothed RTT.
+    pub liveness: Liveness,
 }
 
 impl Monitor {
@@ -70,6 +78,7 @@ pub fn spawn(config: &Config) -> Monitor {
         .collect();
     let (sender, verdicts) = watch::channel(initial);
     let sender = Arc::new(sender);
+    let liveness = Liveness::default();
     for uplink in &config.uplinks {
         let tracked = !uplink.track.is_empty();
         if let Ok(mut figures) = figures.lock() {
@@ -94,10 +103,31 @@ pub fn spawn(config: &Config) -> Monitor {
                 config.health.clone(),
                 figures.clone(),
                 sender.clone(),
+                liveness.clone(),
             ));
         }
     }
-    Monitor { figures, verdicts }
+    Monitor {
+        figures,
+        verdicts,
+        liveness,
+    }
+}
+
+/// How long a probe waits for a late answer after its round was judged lost: long enough for
+/// a modem queue of a second or two each way.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// What a probe round reports: its verdict at the deadline, then maybe a late answer.
+enum Probed {
+    /// The round ended: the fastest answer within the deadline, or None; `sent` is when it
+    /// started, so other traffic answered since then can be taken into account.
+    Round {
+        sent: std::time::Instant,
+        answer: Option<Duration>,
+    },
+    /// A probe of a round already judged lost was answered after all, this long after it left.
+    Late(Duration),
 }
 
 async fn watch_uplink(
@@ -105,6 +135,7 @@ async fn watch_uplink(
     health: Health,
     figures: Arc<Mutex<BTreeMap<u32, UplinkHealth>>>,
     verdicts: Arc<watch::Sender<BTreeMap<u32, State>>>,
+    liveness: Liveness,
 ) {
     let echo = if uplink
         .track
@@ -121,7 +152,7 @@ async fn watch_uplink(
     } else {
         None
     };
-    let (results, mut outcomes) = mpsc::channel::<Option<Duration>>(64);
+    let (results, mut outcomes) = mpsc::channel::<Probed>(64);
     let mut tracker = Tracker::default();
     let mut transitions = 0u64;
     let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(health.interval_ms)));
@@ -129,14 +160,30 @@ async fn watch_uplink(
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let timeout = tracker.timeout(&health);
+                let deadline = tracker.timeout(&health);
                 let (targets, source, echo, results) = (uplink.track.clone(), uplink.source, echo.clone(), results.clone());
+                let liveness = liveness.clone();
+                let id = uplink.id;
                 tokio::spawn(async move {
-                    let _ = results.send(round(&targets, source, echo.as_deref(), timeout).await).await;
+                    round(&targets, source, echo.as_deref(), deadline, &results, &liveness, id).await;
                 });
             }
-            Some(outcome) = outcomes.recv() => {
-                let transition = tracker.record(outcome, &health);
+            Some(probed) = outcomes.recv() => {
+                let (answer, sent) = match probed {
+                    Probed::Late(rtt) => {
+                        tracker.late_answer(rtt);
+                        if let Some(rtt) = tracker.smoothed_rtt() {
+                            liveness.set_rtt(uplink.id, rtt);
+                        }
+                        continue;
+                    }
+                    Probed::Round { sent, answer } => (answer, sent),
+                };
+                let traffic = liveness.answered_since(uplink.id, sent);
+                let transition = tracker.record(answer, traffic, std::time::Instant::now(), &health);
+                if let Some(rtt) = tracker.smoothed_rtt() {
+                    liveness.set_rtt(uplink.id, rtt);
+                }
                 if let Some(transition) = &transition {
                     transitions += 1;
                     tracing::info!(
@@ -167,25 +214,58 @@ async fn watch_uplink(
     }
 }
 
-/// One probe round: every target at once; the fastest answer, or None if none answered.
+/// One probe round: every target at once. Reports the fastest answer as soon as there is one,
+/// or None at `deadline`; then keeps waiting (up to `PATIENCE`) for a late answer, reported
+/// as such. Every answer also goes to `liveness`.
 async fn round(
     targets: &[ProbeTarget],
     source: std::net::Ipv4Addr,
     echo: Option<&probe::EchoProber>,
-    timeout: Duration,
-) -> Option<Duration> {
-    let probes = targets.iter().map(|target| async move {
-        match target {
-            ProbeTarget::Icmp(address) => match echo {
-                Some(echo) => echo.probe(*address, timeout).await,
-                None => None,
+    deadline: Duration,
+    results: &mpsc::Sender<Probed>,
+    liveness: &Liveness,
+    id: u32,
+) {
+    use futures::StreamExt;
+    let sent = std::time::Instant::now();
+    let mut probes: futures::stream::FuturesUnordered<_> = targets
+        .iter()
+        .map(|target| async move {
+            match target {
+                ProbeTarget::Icmp(address) => match echo {
+                    Some(echo) => echo.probe(*address, PATIENCE).await,
+                    None => None,
+                },
+                ProbeTarget::Tcp(address) => probe::tcp_probe(source, *address, PATIENCE).await,
+            }
+        })
+        .collect();
+    let judged = tokio::time::sleep(deadline);
+    tokio::pin!(judged);
+    let mut late = false;
+    loop {
+        tokio::select! {
+            next = probes.next() => match next {
+                Some(Some(rtt)) => {
+                    liveness.heard(id, std::time::Instant::now());
+                    let message = if late {
+                        Probed::Late(rtt)
+                    } else {
+                        Probed::Round { sent, answer: Some(rtt) }
+                    };
+                    let _ = results.send(message).await;
+                    return;
+                }
+                Some(None) => {}
+                None => break,
             },
-            ProbeTarget::Tcp(address) => probe::tcp_probe(source, *address, timeout).await,
+            _ = &mut judged, if !late => {
+                late = true;
+                let _ = results.send(Probed::Round { sent, answer: None }).await;
+            }
         }
-    });
-    futures::future::join_all(probes)
-        .await
-        .into_iter()
-        .flatten()
-        .min()
+    }
+    if !late {
+        let _ = results.send(Probed::Round { sent, answer: None }).await;
+    }
 }

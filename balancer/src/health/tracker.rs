@@ -1,8 +1,15 @@
 //! One uplink's health as a pure state machine over probe rounds: hysteresis (down after
-//! `down_after` lost rounds in a row, up after `up_after` good ones), a moving window for loss and
-//! RTT, and a probe timeout that follows the measured RTT.
+//! `down_after` silent rounds in a row, up after `up_after` good ones), a moving window for loss
+//! and RTT, and a probe timeout that follows the measured RTT, late answers included.
+//!
+//! A round is silent only when its probes went unanswered and nothing else was answered on the
+//! uplink while it ran (replies of flows, the gateway's own connections: see `liveness`). A
+//! saturated line whose queue delays the probes past their deadline is therefore never down.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +40,9 @@ pub struct Transition {
 pub struct Tracker {
     state: State,
     good_in_a_row: u32,
+    /// When the current run of good rounds began: a down uplink comes back only after
+    /// answering for `up_after` intervals, however many rounds in flight its return answers.
+    good_since: Option<Instant>,
     lost_in_a_row: u32,
     /// Outcome of recent rounds: the round's RTT, or None when it was lost.
     window: VecDeque<Option<Duration>>,
@@ -45,6 +55,7 @@ impl Default for Tracker {
         Tracker {
             state: State::Unknown,
             good_in_a_row: 0,
+            good_since: None,
             lost_in_a_row: 0,
             window: VecDeque::new(),
             smoothed_rtt: None,
@@ -82,30 +93,60 @@ impl Tracker {
         (!answered.is_empty()).then(|| answered.iter().sum::<Duration>() / answered.len() as u32)
     }
 
+    /// The smoothed probe RTT, late answers included.
+    pub fn smoothed_rtt(&self) -> Option<Duration> {
+        self.smoothed_rtt
+    }
+
+    /// A probe answered after its round's deadline: the round stays lost, but the RTT (and so
+    /// the next deadlines) learns how slow the line is now.
+    pub fn late_answer(&mut self, rtt: Duration) {
+        self.smooth(rtt);
+    }
+
+    fn smooth(&mut self, rtt: Duration) {
+        self.smoothed_rtt = Some(match self.smoothed_rtt {
+            None => rtt,
+            Some(smoothed) => (smoothed * 7 + rtt) / 8,
+        });
+    }
+
     /// Records one probe round: `Some(rtt)` if any target answered in time, `None` if all were
-    /// lost. Returns the state change it caused, if any.
-    pub fn record(&mut self, outcome: Option<Duration>, config: &Health) -> Option<Transition> {
+    /// lost; `traffic`: the uplink answered other traffic while the round ran; `now`: when the
+    /// round was judged. Returns the state change it caused, if any.
+    pub fn record(
+        &mut self,
+        outcome: Option<Duration>,
+        traffic: bool,
+        now: Instant,
+        config: &Health,
+    ) -> Option<Transition> {
         if self.window.len() == WINDOW {
             self.window.pop_front();
         }
         self.window.push_back(outcome);
-        match outcome {
-            Some(rtt) => {
-                self.smoothed_rtt = Some(match self.smoothed_rtt {
-                    None => rtt,
-                    Some(smoothed) => (smoothed * 7 + rtt) / 8,
-                });
-                self.good_in_a_row += 1;
-                self.lost_in_a_row = 0;
-            }
-            None => {
-                self.lost_in_a_row += 1;
-                self.good_in_a_row = 0;
-            }
+        if let Some(rtt) = outcome {
+            self.smooth(rtt);
         }
+        if outcome.is_some() || traffic {
+            self.good_in_a_row += 1;
+            self.good_since.get_or_insert(now);
+            self.lost_in_a_row = 0;
+        } else {
+            self.lost_in_a_row += 1;
+            self.good_in_a_row = 0;
+            self.good_since = None;
+        }
+        let hysteresis = Duration::from_millis(u64::from(config.interval_ms))
+            * config.up_after.saturating_sub(1);
+        let answered_long_enough = self
+            .good_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= hysteresis);
         let next = match self.state {
             State::Unknown if self.good_in_a_row >= 1 => State::Up,
-            State::Down if self.good_in_a_row >= config.up_after => State::Up,
+            State::Down if self.good_in_a_row >= config.up_after && answered_long_enough => {
+                State::Up
+            }
             State::Unknown | State::Up if self.lost_in_a_row >= config.down_after => State::Down,
             state => state,
         };
@@ -113,7 +154,14 @@ impl Tracker {
             return None;
         }
         let reason = match next {
-            State::Down => format!("{} probe rounds lost in a row", self.lost_in_a_row),
+            State::Down => format!(
+                "{} probe rounds lost in a row, and no traffic answered",
+                self.lost_in_a_row
+            ),
+            _ if outcome.is_none() => format!(
+                "{} rounds answered in a row (traffic answered while probes waited)",
+                self.good_in_a_row
+            ),
             _ => format!("{} probe rounds answered in a row", self.good_in_a_row),
         };
         let transition = Transition {
@@ -131,6 +179,16 @@ impl Tracker {
 mod tests {
     use super::*;
 
+    /// Rounds judged one interval apart, as the probe task judges them.
+    struct Clock(Instant);
+
+    impl Clock {
+        fn tick(&mut self) -> Instant {
+            self.0 += Duration::from_millis(200);
+            self.0
+        }
+    }
+
     fn ms(value: u64) -> Option<Duration> {
         Some(Duration::from_millis(value))
     }
@@ -139,29 +197,36 @@ mod tests {
     fn down_after_consecutive_losses_and_up_only_after_hysteresis() {
         let config = Health::default();
         let mut tracker = Tracker::default();
+        let mut clock = Clock(Instant::now());
         assert_eq!(
-            tracker.record(ms(20), &config).map(|t| t.to),
+            tracker
+                .record(ms(20), false, clock.tick(), &config)
+                .map(|t| t.to),
             Some(State::Up)
         );
-        assert_eq!(tracker.record(None, &config), None);
+        assert_eq!(tracker.record(None, false, clock.tick(), &config), None);
         assert_eq!(
-            tracker.record(ms(20), &config),
+            tracker.record(ms(20), false, clock.tick(), &config),
             None,
             "an isolated loss does not count"
         );
-        assert_eq!(tracker.record(None, &config), None);
-        assert_eq!(tracker.record(None, &config), None);
-        let down = tracker.record(None, &config).expect("third loss in a row");
+        assert_eq!(tracker.record(None, false, clock.tick(), &config), None);
+        assert_eq!(tracker.record(None, false, clock.tick(), &config), None);
+        let down = tracker
+            .record(None, false, clock.tick(), &config)
+            .expect("third loss in a row");
         assert_eq!((down.from, down.to), (State::Up, State::Down));
         for _ in 0..config.up_after - 1 {
             assert_eq!(
-                tracker.record(ms(20), &config),
+                tracker.record(ms(20), false, clock.tick(), &config),
                 None,
                 "not before up_after good rounds"
             );
         }
         assert_eq!(
-            tracker.record(ms(20), &config).map(|t| t.to),
+            tracker
+                .record(ms(20), false, clock.tick(), &config)
+                .map(|t| t.to),
             Some(State::Up)
         );
         assert!(
@@ -186,9 +251,10 @@ mod tests {
     fn the_timeout_follows_a_rising_rtt_but_is_capped() {
         let config = Health::default();
         let mut tracker = Tracker::default();
+        let mut clock = Clock(Instant::now());
         assert_eq!(tracker.timeout(&config), Duration::from_millis(300));
         for _ in 0..40 {
-            tracker.record(ms(400), &config);
+            tracker.record(ms(400), false, clock.tick(), &config);
         }
         let timeout = tracker.timeout(&config);
         assert!(
@@ -199,6 +265,84 @@ mod tests {
             tracker.state(),
             State::Up,
             "a slow but answering line stays up"
+        );
+    }
+
+    #[test]
+    fn a_line_that_answers_traffic_is_never_down_whatever_its_probes() {
+        let config = Health::default();
+        let mut tracker = Tracker::default();
+        let mut clock = Clock(Instant::now());
+        tracker.record(ms(20), false, clock.tick(), &config);
+        for _ in 0..100 {
+            assert_eq!(
+                tracker.record(None, true, clock.tick(), &config),
+                None,
+                "probes stuck behind a full queue, replies flowing"
+            );
+        }
+        assert_eq!(tracker.state(), State::Up);
+        for _ in 0..config.down_after - 1 {
+            assert_eq!(tracker.record(None, false, clock.tick(), &config), None);
+        }
+        let down = tracker
+            .record(None, false, clock.tick(), &config)
+            .expect("silent: neither probes nor traffic");
+        assert!(down.reason.contains("no traffic"), "{}", down.reason);
+        // Traffic answering again counts toward the hysteresis like answered probes.
+        for _ in 0..config.up_after - 1 {
+            assert_eq!(tracker.record(None, true, clock.tick(), &config), None);
+        }
+        assert_eq!(
+            tracker
+                .record(None, true, clock.tick(), &config)
+                .map(|t| t.to),
+            Some(State::Up)
+        );
+    }
+
+    #[test]
+    fn late_answers_raise_the_deadline() {
+        let config = Health::default();
+        let mut tracker = Tracker::default();
+        let mut clock = Clock(Instant::now());
+        tracker.record(ms(5), false, clock.tick(), &config);
+        for _ in 0..30 {
+            tracker.record(None, true, clock.tick(), &config);
+            tracker.late_answer(Duration::from_millis(900));
+        }
+        assert!(
+            tracker.timeout(&config) >= Duration::from_millis(1900),
+            "{:?}",
+            tracker.timeout(&config)
+        );
+    }
+
+    #[test]
+    fn rounds_in_flight_at_a_return_do_not_shorten_the_hysteresis() {
+        let config = Health::default();
+        let mut tracker = Tracker::default();
+        let start = Instant::now();
+        tracker.record(ms(20), false, start, &config);
+        for step in 1..=3 {
+            tracker.record(
+                None,
+                false,
+                start + Duration::from_millis(200 * step),
+                &config,
+            );
+        }
+        assert_eq!(tracker.state(), State::Down);
+        // The line returns: five rounds judged within 300 ms all count as answered.
+        let back = start + Duration::from_millis(1000);
+        for step in 0..5 {
+            let at = back + Duration::from_millis(60 * step);
+            assert_eq!(tracker.record(ms(20), false, at, &config), None);
+        }
+        let up = back + Duration::from_millis(800);
+        assert_eq!(
+            tracker.record(ms(20), false, up, &config).map(|t| t.to),
+            Some(State::Up)
         );
     }
 }
