@@ -15,7 +15,7 @@ use balancer_common::{
 use crate::{
     flow::{self, Found},
     fragments,
-    headers::ICMP_ECHO_REQUEST,
+    headers::{ETH_HDR_LEN, ICMP_ECHO_REQUEST},
     icmp_error,
     maps::{DESTINATIONS, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump},
     parse::{parse_ipv4, parse_l4},
@@ -26,7 +26,7 @@ pub fn try_lan_ingress(ctx: &TcContext) -> Result<(), u32> {
     bump(COUNTER_PACKETS, 1);
     bump(COUNTER_BYTES, u64::from(ctx.len()));
 
-    let ip = parse_ipv4(ctx)?;
+    let ip = parse_ipv4::<ETH_HDR_LEN>(ctx)?;
     bump(COUNTER_IPV4, 1);
     if ip.later_fragment {
         return fragments::steer(ctx, &ip);

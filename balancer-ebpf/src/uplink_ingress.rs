@@ -25,9 +25,10 @@ use crate::{
     parse::{parse_ipv4, parse_l4},
 };
 
+/// `L2`: the uplink's link-layer header length (`headers::ETH_HDR_LEN` or `RAW_IP_HDR_LEN`).
 #[inline(always)]
-pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
-    let result = translate(ctx);
+pub fn try_uplink_ingress<const L2: usize>(ctx: &TcContext) -> Result<(), u32> {
+    let result = translate::<L2>(ctx);
     // A reply of a flow is counted on the flow's uplink, which is the interface it arrived on:
     // that saves the hot path a hash lookup. Everything else finds its uplink by interface.
     let id = match result {
@@ -49,8 +50,8 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
 /// Reverse-translates the packet if it belongs to a flow; `Ok(Some(uplink id))` for a reply
 /// of a flow, `Ok(None)` for the other packets it translated.
 #[inline(always)]
-fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
-    let ip = parse_ipv4(ctx)?;
+fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
+    let ip = parse_ipv4::<L2>(ctx)?;
     if ip.later_fragment {
         return fragments::translate(ctx, &ip, Side::Destination, 0).map(|()| None);
     }

@@ -171,10 +171,12 @@ pub struct Dataplane {
 }
 
 /// Every program in the object, in the order they are loaded.
-const PROGRAMS: [&str; 3] = [
+const PROGRAMS: [&str; 5] = [
     names::PROGRAM_LAN_INGRESS,
     names::PROGRAM_UPLINK_EGRESS,
     names::PROGRAM_UPLINK_INGRESS,
+    names::PROGRAM_UPLINK_EGRESS_RAW_IP,
+    names::PROGRAM_UPLINK_INGRESS_RAW_IP,
 ];
 
 /// Every map user space pins and shares with the programs.

@@ -23,9 +23,12 @@
 //! - `state`: the state file and finding a lab's namespaces by name;
 //! - `teardown`: [`Lab::down`] and tearing down on drop;
 //! - `status`: the human-readable state of a lab;
-//! - `tweaks`: changes to a lab that is up (an interface's MTU, dropping ICMP).
+//! - `tweaks`: changes to a lab that is up (an interface's MTU, dropping ICMP);
+//! - `raw_ip`: raw-IP point-to-point uplinks (TUN devices and their relay), connected and
+//!   disconnected like a PPP session.
 
 mod clients;
+mod raw_ip;
 mod servers;
 mod state;
 mod status;
@@ -122,6 +125,11 @@ pub struct LabSpec {
     pub rp_filter: RpFilter,
     /// Start the servers in the internet namespace.
     pub servers: bool,
+    /// Uplinks (1-based) that are raw-IP point-to-point links, like PPPoE's `ppp0` or an LTE
+    /// modem's `wwan0`: a TUN device at each end relayed by `labtool tun-relay`, the gateway's
+    /// `wan<i>` with `198.18.i.2 peer 198.18.i.1`, and no Ethernet header.
+    #[serde(default)]
+    pub raw_ip: Vec<usize>,
 }
 
 impl LabSpec {
@@ -134,6 +142,7 @@ impl LabSpec {
             same_subnet: false,
             rp_filter: RpFilter::Strict,
             servers: true,
+            raw_ip: Vec::new(),
         }
     }
 
@@ -165,6 +174,17 @@ impl LabSpec {
             !self.same_subnet || self.uplinks >= 2,
             "--same-subnet needs at least 2 uplinks"
         );
+        for &i in &self.raw_ip {
+            ensure!(
+                (1..=self.uplinks).contains(&i),
+                "raw-IP uplink {i} is not one of the uplinks 1..={}",
+                self.uplinks
+            );
+            ensure!(
+                !(self.same_subnet && i <= 2),
+                "uplinks 1 and 2 share an Ethernet subnet with --same-subnet; uplink {i} cannot be raw-IP"
+            );
+        }
         Ok(())
     }
 
@@ -173,6 +193,11 @@ impl LabSpec {
         i.checked_sub(1)
             .and_then(|k| self.rates_mbit.get(k))
             .copied()
+    }
+
+    /// Whether uplink i is a raw-IP point-to-point link.
+    pub fn is_raw_ip(&self, i: usize) -> bool {
+        self.raw_ip.contains(&i)
     }
 
     pub fn uplink_source(&self, i: usize) -> Ipv4Addr {
@@ -242,7 +267,7 @@ impl Lab {
             "the lab needs root (network namespaces)"
         );
         ensure_bpffs()?;
-        if spec.servers {
+        if spec.servers || !spec.raw_ip.is_empty() {
             ensure!(
                 labtool.is_file(),
                 "labtool binary not found at {} (build it: cargo build -p balancer-tests --bin labtool, or set BALANCER_LABTOOL)",

@@ -30,6 +30,7 @@ mod net;
 mod ping;
 mod serve;
 mod source;
+mod tun_relay;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -50,6 +51,7 @@ use crate::{
     ping::ping,
     serve::serve,
     source::{download, streams},
+    tun_relay::tun_relay,
 };
 
 /// Upper bound on any client's duration, whatever the caller asks for.
@@ -180,6 +182,22 @@ enum Cmd {
         ttl: u32,
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+    },
+    /// A raw-IP point-to-point link (what PPP or an LTE modem's raw-IP interface is to tc): a
+    /// TUN device here and one in another namespace, relayed by this process until killed or
+    /// --seconds pass. Ending the relay deletes both interfaces. Prints `ready` when both exist.
+    TunRelay {
+        /// The device in this process's namespace, e.g. wan2.
+        local: String,
+        /// The other namespace's name (under /run/netns).
+        #[arg(long)]
+        peer_netns: String,
+        /// The device in the other namespace, e.g. down0.
+        #[arg(long)]
+        peer: String,
+        /// Lifetime bound (at most a day).
+        #[arg(long, default_value_t = 21_600)]
+        seconds: u64,
     },
     /// Wait until every given TCP address accepts a connection.
     WaitTcp {
@@ -353,6 +371,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             addr,
             ttl.clamp(1, 255),
             Duration::from_millis(timeout_ms.clamp(1, 60_000)),
+        ),
+        Cmd::TunRelay {
+            local,
+            peer_netns,
+            peer,
+            seconds,
+        } => tun_relay(
+            &local,
+            &peer_netns,
+            &peer,
+            Duration::from_secs(seconds.clamp(1, 86_400)),
         ),
         Cmd::WaitTcp { addrs, timeout_ms } => {
             let deadline = Instant::now() + Duration::from_millis(timeout_ms);
