@@ -57,6 +57,10 @@ struct UpArgs {
     /// LTE modem: TUN devices without an Ethernet header, `198.18.i.2 peer 198.18.i.1`.
     #[arg(long, value_delimiter = ',')]
     raw_ip: Vec<usize>,
+    /// Uplinks (1-based) addressed by DHCP: dnsmasq at the ISP, udhcpc on the gateway
+    /// (address and a default route in the main table, metric 100 + i).
+    #[arg(long, value_delimiter = ',')]
+    dhcp: Vec<usize>,
 }
 
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
@@ -91,6 +95,7 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
     spec.rp_filter = args.rp_filter;
     spec.servers = !args.no_servers;
     spec.raw_ip.clone_from(&args.raw_ip);
+    spec.dhcp.clone_from(&args.dhcp);
     spec.validate()?;
 
     let labtool = build_labtool()?;
@@ -151,6 +156,8 @@ pub(crate) fn picture(lab: &Lab) -> String {
                 format!("{} peer {}", lab.uplink_source(i), lab.uplink_gateway(i)),
                 ", raw IP (TUN relay)",
             )
+        } else if spec.is_dhcp(i) {
+            (format!("{}/24", lab.uplink_source(i)), ", DHCP")
         } else {
             (format!("{}/24", lab.uplink_source(i)), "")
         };

@@ -24,10 +24,12 @@
 //! - `teardown`: [`Lab::down`] and tearing down on drop;
 //! - `status`: the human-readable state of a lab;
 //! - `tweaks`: changes to a lab that is up (an interface's MTU, dropping ICMP);
+//! - `dhcp`: DHCP-addressed uplinks (dnsmasq at the ISP, udhcpc on the gateway);
 //! - `raw_ip`: raw-IP point-to-point uplinks (TUN devices and their relay), connected and
 //!   disconnected like a PPP session.
 
 mod clients;
+mod dhcp;
 mod raw_ip;
 mod servers;
 mod state;
@@ -52,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use crate::process::{self, ChildGuard, DEFAULT_TIMEOUT, describe, run_bounded};
 
 pub use clients::{LinkCounters, Ping, SourceShare, StreamResult, Streams, TcpMany, Transfer};
+pub use dhcp::dhcp_route_metric;
 pub use state::{LabState, find_namespaces, is_lab_namespace, read_state, state_dir};
 pub use topology::{ensure_bpffs, tbf_burst_bytes};
 
@@ -130,6 +133,11 @@ pub struct LabSpec {
     /// `wan<i>` with `198.18.i.2 peer 198.18.i.1`, and no Ethernet header.
     #[serde(default)]
     pub raw_ip: Vec<usize>,
+    /// Uplinks (1-based) whose gateway address comes by DHCP: dnsmasq in the ISP's namespace
+    /// leases `198.18.i.2/24` with router `198.18.i.1`, and udhcpc on the gateway installs it
+    /// with a default route in the main table (metric [`dhcp_route_metric`]).
+    #[serde(default)]
+    pub dhcp: Vec<usize>,
 }
 
 impl LabSpec {
@@ -143,6 +151,7 @@ impl LabSpec {
             rp_filter: RpFilter::Strict,
             servers: true,
             raw_ip: Vec::new(),
+            dhcp: Vec::new(),
         }
     }
 
@@ -174,6 +183,15 @@ impl LabSpec {
             !self.same_subnet || self.uplinks >= 2,
             "--same-subnet needs at least 2 uplinks"
         );
+        for &i in &self.dhcp {
+            ensure!(
+                (1..=self.uplinks).contains(&i)
+                    && !self.is_raw_ip(i)
+                    && !(self.same_subnet && i <= 2),
+                "DHCP uplink {i} must be one of the uplinks 1..={}, Ethernet, and not in --same-subnet",
+                self.uplinks
+            );
+        }
         for &i in &self.raw_ip {
             ensure!(
                 (1..=self.uplinks).contains(&i),
@@ -193,6 +211,11 @@ impl LabSpec {
         i.checked_sub(1)
             .and_then(|k| self.rates_mbit.get(k))
             .copied()
+    }
+
+    /// Whether uplink i gets its address by DHCP.
+    pub fn is_dhcp(&self, i: usize) -> bool {
+        self.dhcp.contains(&i)
     }
 
     /// Whether uplink i is a raw-IP point-to-point link.

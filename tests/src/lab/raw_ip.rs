@@ -47,10 +47,16 @@ impl Lab {
             .args(["--peer-netns", &isp, "--peer", ISP_DEVICE]);
         // Own process group: a Ctrl-C at the terminal that ran `lab up` must not end the link.
         command.process_group(0);
+        // The log is appended to across reconnections: only what this relay writes counts.
+        let logged_before = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let mut guard = ChildGuard::spawn(&mut command, &log)
             .with_context(|| format!("starting the relay of {wan}"))?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !guard.log().contains("ready") {
+        while !guard
+            .log()
+            .get(logged_before..)
+            .is_some_and(|new| new.contains("ready"))
+        {
             if let Some(status) = guard.try_wait()? {
                 bail!(
                     "the relay of {wan} exited with {status}: {}",

@@ -61,7 +61,10 @@ impl Lab {
                 "link add {wan} type veth peer name down0 netns {}",
                 self.isp(i)
             ));
-            cmds.push(format!("addr add {}/24 dev {wan}", self.uplink_source(i)));
+            // A DHCP uplink gets its address from its ISP once that is up (below).
+            if !spec.is_dhcp(i) {
+                cmds.push(format!("addr add {}/24 dev {wan}", self.uplink_source(i)));
+            }
             cmds.push(format!("link set {wan} up"));
         }
         ip_batch(&gw, &cmds)?;
@@ -133,6 +136,10 @@ impl Lab {
                     "rule add iif down0 blackhole prio 101".to_owned(),
                 ],
             )?;
+        }
+
+        for i in (1..=spec.uplinks).filter(|&i| spec.is_dhcp(i)) {
+            self.start_dhcp(i, self.uplink_source(i))?;
         }
 
         for c in 1..=2 {
