@@ -49,8 +49,11 @@ pub fn run() -> anyhow::Result<()> {
     println!("Config ({config}):\n{}", lab.balancer_config_toml());
 
     let gw = lab.gw();
-    step("Before: the gateway has no default route, so nothing reaches the internet");
-    match lab.tcp_whoami(&gw, None, Duration::from_millis(500)) {
+    step(
+        "Before: the gateway does not forward, and its only default route is the one wan3's DHCP client installed, so no LAN client reaches the internet",
+    );
+    show(&lab.exec_ok(&gw, &["ip", "route", "show", "default"])?);
+    match lab.tcp_whoami(&lab.client(1), None, Duration::from_millis(500)) {
         Ok(seen) => {
             bail!("the lab leaked: the internet host answered ({seen}) before the balancer ran")
         }
