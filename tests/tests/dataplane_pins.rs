@@ -1,7 +1,7 @@
 //! Pins that survive real life, in the lab: a stopped daemon's pinned links can be severed (an
 //! interface re-created) and its pin directory can be of an older layout version (an upgrade).
-//! `run` replaces what no longer fits and forwards; `run` and `down` remove older versions and
-//! so detach their programs.
+//! `run` replaces what no longer fits (a severed link, a map pin of another shape) and forwards;
+//! `run` and `down` remove older versions and so detach their programs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -166,4 +166,29 @@ fn pins_of_an_older_layout_are_removed_by_run_and_by_down() {
             assert!(!pins.exists(), "nothing of this namespace is left");
         }
     }
+}
+
+#[test]
+fn a_pinned_map_of_another_shape_is_replaced() {
+    let (lab, config) = lab("pm");
+    let mut daemon = start_daemon(&lab, &config);
+    assert_forwards(&lab, &daemon.log());
+    assert!(daemon.terminate(Duration::from_secs(5)).unwrap().success());
+    // As if a build changed a map's layout without a new version: the pin named SCHEDULE is
+    // now a map of another type, key and value (the settings array).
+    let maps = namespace_pins(&lab).join(format!("v{ABI_VERSION}/maps"));
+    fs::remove_file(maps.join("SCHEDULE")).unwrap();
+    fs::rename(maps.join("SETTINGS"), maps.join("SCHEDULE")).unwrap();
+
+    let daemon = start_daemon(&lab, &config);
+    assert_forwards(&lab, &daemon.log());
+    assert!(
+        daemon.log().contains("pinned maps do not match"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        maps.join("SETTINGS").exists(),
+        "the maps were pinned afresh"
+    );
 }
