@@ -141,3 +141,27 @@ fn ifindex(gw: &Gateway, interface: &str) -> u32 {
         .unwrap();
     shown.trim().parse().unwrap()
 }
+
+/// The lab renumbers its DHCP uplink as an ISP does: the old lease is refused, the client drops
+/// the old address and gets the new one, and the ISP now forwards only the new address.
+#[test]
+fn the_lab_renumbers_a_dhcp_uplink() {
+    let mut spec = LabSpec::new(&common::prefix("fn"), 1);
+    spec.rates_mbit.clear();
+    spec.dhcp = vec![1];
+    let mut lab = balancer_tests::lab::Lab::up(spec).unwrap();
+    let (old, new) = (lab.uplink_source(1), "198.18.1.7".parse().unwrap());
+    lab.renumber_dhcp(1, new).unwrap();
+    let shown = lab
+        .exec_ok(
+            &lab.gw(),
+            &["ip", "-4", "-o", "addr", "show", "dev", "wan1"],
+        )
+        .unwrap();
+    assert!(!shown.contains(&format!(" {old}/")), "{shown}");
+    // The gateway's own traffic leaves by the DHCP default route with the new address.
+    let seen = lab
+        .tcp_whoami(&lab.gw(), Some(new), Duration::from_secs(3))
+        .unwrap();
+    assert_eq!(*seen.ip(), new);
+}

@@ -138,6 +138,17 @@ impl Lab {
         Ok(())
     }
 
+    /// Renumbers DHCP uplink i to `address`, as an ISP does at a new lease: its router now
+    /// forwards only the new address, the server leases only it, and the client is told to
+    /// renew, which the server refuses, so the client drops the old address and asks again.
+    /// Returns once the gateway holds the new address.
+    pub fn renumber_dhcp(&mut self, i: usize, address: Ipv4Addr) -> anyhow::Result<()> {
+        self.set_isp_customer(i, address)?;
+        self.start_dhcp_server(i, address)?;
+        self.renew_dhcp(i)?;
+        self.wait_for_address(i, address)
+    }
+
     /// Waits up to 10 s until uplink i's interface holds `address`.
     pub fn wait_for_address(&self, i: usize, address: Ipv4Addr) -> anyhow::Result<()> {
         let wan = self.uplink_interface(i);

@@ -86,6 +86,25 @@ impl Lab {
         self.write_state()
     }
 
+    /// Makes ISP i's customer address `address`: its router forwards only packets from it, and
+    /// the internet host routes it back through that ISP (what a renumbered line looks like
+    /// from outside).
+    pub fn set_isp_customer(&self, i: usize, address: Ipv4Addr) -> anyhow::Result<()> {
+        ip_batch(
+            &self.isp(i),
+            &[
+                "rule del prio 100".to_owned(),
+                format!("rule add iif {ISP_DEVICE} from {address}/32 lookup main prio 100"),
+            ],
+        )?;
+        ip_batch(
+            &self.inet(),
+            &[format!(
+                "route replace {address}/32 via 198.19.{i}.2 dev isp{i}"
+            )],
+        )
+    }
+
     /// Ends raw-IP uplink i's relay: both of its interfaces disappear at once, as when a PPP
     /// session or a modem drops. Waits until the gateway's interface is gone.
     pub fn disconnect_raw_ip(&mut self, i: usize) -> anyhow::Result<()> {
