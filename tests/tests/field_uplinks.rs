@@ -1,6 +1,7 @@
 //! Uplinks as they come in the field, in the lab: a raw-IP point-to-point uplink (TUN devices,
 //! no Ethernet header, `A peer B`, what PPPoE's `ppp0` or an LTE modem's `wwan0` is to tc) and a
-//! DHCP-addressed one (dnsmasq at the ISP, udhcpc on the gateway), beside Ethernet. Each ISP
+//! DHCP-addressed one (dnsmasq at the ISP, udhcpc on the gateway), beside Ethernet: transparent,
+//! proxied and the gateway's own traffic, and the lab's redial and renumbering. Each ISP
 //! forwards only its own uplink's source address, so a connection that arrives with the right
 //! source proves the translation (or the gateway's own routing) on that uplink.
 //!
@@ -164,4 +165,69 @@ fn the_lab_renumbers_a_dhcp_uplink() {
         .tcp_whoami(&lab.gw(), Some(new), Duration::from_secs(3))
         .unwrap();
     assert_eq!(*seen.ip(), new);
+}
+
+/// The forward proxy binds each upstream connection to an uplink's address: over the raw-IP
+/// and the DHCP uplink too, the internet host sees that uplink's address.
+#[test]
+fn the_proxy_reaches_out_over_raw_ip_and_dhcp_uplinks() {
+    let mut spec = LabSpec::new(&common::prefix("fp"), 3);
+    spec.rates_mbit.clear();
+    spec.raw_ip = vec![2];
+    spec.dhcp = vec![3];
+    let lab = balancer_tests::lab::Lab::up(spec).unwrap();
+    let text = format!(
+        "{}\n[proxy]\nlisten = \"198.18.0.1:3128\"\n",
+        lab.balancer_config_toml().replace(
+            "weight =",
+            &format!("dns = [\"{}\"]\nweight =", balancer_tests::lab::DNS_ADDR)
+        )
+    );
+    let config = common::write_config(&lab, "balancer.toml", &text);
+    let daemon = common::start_daemon(&lab, &config);
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for _ in 0..9 {
+        // The proxy serves once the first apply is done; early refusals are retried.
+        let body = loop {
+            let out = lab
+                .exec(
+                    &lab.client(1),
+                    &[
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "5",
+                        "--proxy",
+                        "http://198.18.0.1:3128",
+                        "http://198.18.9.1:8080/",
+                    ],
+                )
+                .unwrap();
+            if out.status.success() || std::time::Instant::now() > deadline {
+                assert!(
+                    out.status.success(),
+                    "{}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    daemon.log()
+                );
+                break String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let address = body.trim().split(':').next().unwrap_or_default().to_owned();
+        *seen.entry(address).or_default() += 1;
+    }
+    for i in 1..=3 {
+        let source = lab.uplink_source(i).to_string();
+        assert!(
+            seen.get(&source).is_some_and(|&n| n >= 2),
+            "uplink {i} ({source}) under-used or unused: {seen:?}"
+        );
+    }
+    assert_eq!(
+        seen.values().sum::<u32>(),
+        9,
+        "only uplink addresses: {seen:?}"
+    );
 }
