@@ -220,9 +220,10 @@ fn readiness(
         ),
         None => {
             let subnet = address.network.trunc();
-            let outside = !subnet.contains(&uplink.gateway)
-                || uplink.gateway == subnet.network()
-                || uplink.gateway == subnet.broadcast();
+            // A /31 (RFC 3021) has two hosts and neither network nor broadcast address.
+            let reserved = subnet.prefix_len() < 31
+                && (uplink.gateway == subnet.network() || uplink.gateway == subnet.broadcast());
+            let outside = !subnet.contains(&uplink.gateway) || reserved;
             (
                 subnet,
                 outside.then(|| {

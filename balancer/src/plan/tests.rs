@@ -503,3 +503,33 @@ fn a_point_to_point_uplink_takes_its_peer_as_gateway() {
         "{error}"
     );
 }
+
+/// RFC 3021: on a /31 the other address is the gateway, though it is the "broadcast" address of
+/// a longer prefix.
+#[test]
+fn a_31_uplink_takes_the_other_address_as_gateway() {
+    let text = CONFIG.replace(
+        "gateway = \"198.18.1.1\"\nsource = \"198.18.1.3\"",
+        "gateway = \"198.19.31.1\"\nsource = \"198.19.31.0\"",
+    );
+    let config = Config::parse(&text).unwrap();
+    let mut observed = observed();
+    observed.addresses[2] = address(4, "198.19.31.0/31");
+    let planned = desired(&config, &observed, Strictness::Strict).unwrap();
+    assert!(
+        planned.routes.iter().any(|r| r.to_string()
+            == "default via 198.19.31.1 dev wan2 src 198.19.31.0 table 2002 proto 77"),
+        "{:?}",
+        planned.routes
+    );
+    // On a /30 the other end's address may be the broadcast address: refused.
+    let text = text
+        .replace("198.19.31.1", "198.19.31.3")
+        .replace("198.19.31.0", "198.19.31.2");
+    observed.addresses[2] = address(4, "198.19.31.2/30");
+    let broadcast = Config::parse(&text).unwrap();
+    let error = desired(&broadcast, &observed, Strictness::Strict)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("is not a host in wan2's subnet"), "{error}");
+}
