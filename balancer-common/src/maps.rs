@@ -33,6 +33,9 @@ pub const INBOUND_ENTRIES: u32 = 65_536;
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";
 pub const PROGRAM_UPLINK_EGRESS: &str = "uplink_egress";
 pub const PROGRAM_UPLINK_INGRESS: &str = "uplink_ingress";
+/// The uplink programs built for interfaces without a link-layer header (raw IP: PPP, LTE, TUN).
+pub const PROGRAM_UPLINK_EGRESS_RAW_IP: &str = "uplink_egress_raw_ip";
+pub const PROGRAM_UPLINK_INGRESS_RAW_IP: &str = "uplink_ingress_raw_ip";
 /// Reference programs `cargo xtask bench` measures beside ours; never loaded by the daemon.
 pub const PROGRAM_REFERENCE_EMPTY: &str = "reference_empty";
 pub const PROGRAM_REFERENCE_NAIVE_SNAT: &str = "reference_naive_snat";

@@ -14,7 +14,6 @@ use balancer_common::{
 };
 
 use crate::{
-    headers::ETH_HDR_LEN,
     lan_ingress::set_mark,
     maps::FRAGMENTS,
     nat::{Side, store_ip_addr},
@@ -73,13 +72,7 @@ pub fn translate(ctx: &TcContext, ip: &Ipv4, side: Side, id: u32) -> Result<(), 
     if side == Side::Source && u32::from(entry.uplink_id) != id {
         return Err(PASS_WRONG_UPLINK);
     }
-    store_ip_addr(
-        ctx,
-        ETH_HDR_LEN,
-        (ip.check, ip.src, ip.dst),
-        side,
-        entry.addr,
-    )?;
+    store_ip_addr(ctx, ip.l3_off, (ip.check, ip.src, ip.dst), side, entry.addr)?;
     if side == Side::Destination {
         set_mark(ctx, entry.mark);
     }

@@ -4,6 +4,9 @@
 use aya_ebpf::programs::TcContext;
 
 pub const ETH_HDR_LEN: usize = 14;
+/// The link-layer header of a raw-IP uplink (PPP, raw-IP LTE, TUN, WireGuard): none, tc sees
+/// the IPv4 header first.
+pub const RAW_IP_HDR_LEN: usize = 0;
 /// EtherType of IPv4 in network byte order, as it sits in the frame.
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 

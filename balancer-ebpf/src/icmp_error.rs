@@ -23,9 +23,9 @@ use balancer_common::{
 
 use crate::{
     headers::{
-        ETH_HDR_LEN, ICMP_CHECK_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        ICMP_HDR_LEN, ICMP_ID_OFF, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPV4_MIN_LEN,
-        Ipv4Hdr, QUOTED_L4_MIN, TCP_CHECK_OFF, UDP_CHECK_OFF,
+        ICMP_CHECK_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HDR_LEN,
+        ICMP_ID_OFF, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPV4_MIN_LEN, Ipv4Hdr,
+        QUOTED_L4_MIN, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
     maps::{FLOWS, NAT_REVERSE},
     nat::{Side, csum_replace2, csum_replace4, store_ip_addr},
@@ -143,7 +143,7 @@ pub fn rewrite(
     addr: u32,
     port: u16,
 ) -> Result<(), u32> {
-    store_ip_addr(ctx, ETH_HDR_LEN, (ip.check, ip.src, ip.dst), side, addr)?;
+    store_ip_addr(ctx, ip.l3_off, (ip.check, ip.src, ip.dst), side, addr)?;
 
     let (quoted_side, old_addr, old_port, port_at) = match side {
         Side::Destination => (Side::Source, q.src, q.src_port, 0),

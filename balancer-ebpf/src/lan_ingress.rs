@@ -23,7 +23,7 @@ use balancer_common::{
 use crate::{
     flow::{self, Found},
     fragments,
-    headers::ICMP_ECHO_REQUEST,
+    headers::{ETH_HDR_LEN, ICMP_ECHO_REQUEST},
     icmp_error, inbound,
     maps::{DESTINATIONS, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump},
     parse::{Ipv4, parse_ipv4, parse_l4},
@@ -35,7 +35,7 @@ pub fn try_lan_ingress(ctx: &TcContext) -> Result<(), u32> {
     bump(COUNTER_PACKETS, 1);
     bump(COUNTER_BYTES, u64::from(ctx.len()));
 
-    let ip = parse_ipv4(ctx)?;
+    let ip = parse_ipv4::<ETH_HDR_LEN>(ctx)?;
     bump(COUNTER_IPV4, 1);
     // Multicast, broadcast and link-local stay on the link: no flow, no port.
     if is_non_unicast_destination(ip.dst) {

@@ -22,6 +22,7 @@ mod uplink_ingress;
 mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use headers::{ETH_HDR_LEN, RAW_IP_HDR_LEN};
 
 /// LAN-side ingress: sees every frame the office sends towards the gateway; picks uplinks and
 /// marks.
@@ -30,16 +31,32 @@ pub fn lan_ingress(ctx: TcContext) -> i32 {
     verdict::action(lan_ingress::try_lan_ingress(&ctx))
 }
 
+// The uplink programs exist twice, built over a constant link-layer header length: user space
+// attaches the raw-IP variant to interfaces without an Ethernet header (PPP, raw-IP LTE, TUN),
+// so Ethernet uplinks pay nothing per packet for it.
+
 /// Uplink egress: source NAT of balanced flows, after routing.
 #[classifier]
 pub fn uplink_egress(ctx: TcContext) -> i32 {
-    verdict::action(uplink_egress::try_uplink_egress(&ctx))
+    verdict::action(uplink_egress::try_uplink_egress::<ETH_HDR_LEN>(&ctx))
 }
 
 /// Uplink ingress: reverse NAT of replies, before routing.
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    verdict::action(uplink_ingress::try_uplink_ingress(&ctx))
+    verdict::action(uplink_ingress::try_uplink_ingress::<ETH_HDR_LEN>(&ctx))
+}
+
+/// `uplink_egress` on a raw-IP uplink.
+#[classifier]
+pub fn uplink_egress_raw_ip(ctx: TcContext) -> i32 {
+    verdict::action(uplink_egress::try_uplink_egress::<RAW_IP_HDR_LEN>(&ctx))
+}
+
+/// `uplink_ingress` on a raw-IP uplink.
+#[classifier]
+pub fn uplink_ingress_raw_ip(ctx: TcContext) -> i32 {
+    verdict::action(uplink_ingress::try_uplink_ingress::<RAW_IP_HDR_LEN>(&ctx))
 }
 
 /// Bench reference: does nothing (`reference`).

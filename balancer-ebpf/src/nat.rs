@@ -20,10 +20,7 @@ use balancer_common::{
 };
 
 use crate::{
-    headers::{
-        ETH_HDR_LEN, ICMP_CHECK_OFF, ICMP_ID_OFF, IP_CHECK_FIELD, TCP_CHECK_OFF, UDP_CHECK_OFF,
-        ptr_at,
-    },
+    headers::{ICMP_CHECK_OFF, ICMP_ID_OFF, IP_CHECK_FIELD, TCP_CHECK_OFF, UDP_CHECK_OFF, ptr_at},
     parse::Packet,
 };
 
@@ -130,7 +127,7 @@ pub fn rewrite(
         };
 
     if addr != old_addr {
-        store_ip_addr(ctx, ETH_HDR_LEN, (ip.check, ip.src, ip.dst), side, addr)?;
+        store_ip_addr(ctx, ip.l3_off, (ip.check, ip.src, ip.dst), side, addr)?;
         if ip.protocol == PROTOCOL_TCP || ip.protocol == PROTOCOL_UDP {
             let flags = u64::from(BPF_F_PSEUDO_HDR) | 4 | l4_flags;
             ctx.l4_csum_replace(check_off, u64::from(old_addr), u64::from(addr), flags)

@@ -1,5 +1,6 @@
-//! Parsing shared by all three programs: Ethernet, IPv4 (honouring IHL) and the L4 header of
-//! the protocols the data plane translates. Every field is copied out here, before any helper
+//! Parsing shared by all three programs: the link-layer header (Ethernet, or none on a raw-IP
+//! uplink such as PPP, an LTE modem's raw-IP interface or TUN), IPv4 (honouring IHL) and the L4
+//! header of the protocols the data plane translates. Every field is copied out here, before any helper
 //! call, because store and checksum helpers invalidate packet pointers.
 //!
 //! Errors are `balancer_common::stats` reasons; the packet is then passed untouched.
@@ -12,12 +13,15 @@ use balancer_common::{
 };
 
 use crate::headers::{
-    ETH_HDR_LEN, ETH_P_IP, EthHdr, IP_MF, IPV4_MIN_LEN, IcmpEchoHdr, Ipv4Hdr,
-    TcpHdr, UdpHdr, ptr_at,
+    ETH_HDR_LEN, ETH_P_IP, EthHdr, IP_MF, IPV4_MIN_LEN, IcmpEchoHdr, Ipv4Hdr, TcpHdr, UdpHdr,
+    ptr_at,
 };
 
 /// A valid IPv4 header. Addresses are network order, as in the packet.
 pub struct Ipv4 {
+    /// Offset of the IPv4 header from the start of the frame: the link-layer header's length,
+    /// a constant of the program variant, so it costs nothing at run time.
+    pub l3_off: usize,
     pub src: u32,
     pub dst: u32,
     /// The header checksum, network order.
@@ -67,17 +71,29 @@ fn ensure_linear(ctx: &TcContext, upto: usize) {
     }
 }
 
-/// Ethernet and IPv4: version 4, IHL >= 5, `tot_len` covering the header and not longer than
-/// the frame. Ethernet padding after `tot_len` is allowed.
+/// The link-layer header (`L2` bytes: [`ETH_HDR_LEN`] or `headers::RAW_IP_HDR_LEN`) and IPv4: version
+/// 4, IHL >= 5, `tot_len` covering the header and not longer than the frame. Ethernet padding
+/// after `tot_len` is allowed. `L2` is a constant of each program variant, so the Ethernet
+/// programs pay nothing for raw-IP support.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, u32> {
-    ensure_linear(ctx, ETH_HDR_LEN + IPV4_MIN_LEN);
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(PASS_MALFORMED)?;
-    // SAFETY: `ptr_at` checked that the whole header lies inside the packet.
-    if unsafe { (*eth).ether_type } != ETH_P_IP {
-        return Err(PASS_NOT_IPV4);
+pub fn parse_ipv4<const L2: usize>(ctx: &TcContext) -> Result<Ipv4, u32> {
+    ensure_linear(ctx, L2 + IPV4_MIN_LEN);
+    if L2 == ETH_HDR_LEN {
+        let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(PASS_MALFORMED)?;
+        // SAFETY: `ptr_at` checked that the whole header lies inside the packet.
+        if unsafe { (*eth).ether_type } != ETH_P_IP {
+            return Err(PASS_NOT_IPV4);
+        }
+    } else {
+        // No link-layer header: the kernel's protocol field (network order, as in a frame)
+        // says what the packet is.
+        // SAFETY: `skb` is the context pointer the kernel passed in; `protocol` is readable.
+        let protocol = unsafe { (*ctx.skb.skb).protocol };
+        if protocol != u32::from(u16::from_ne_bytes(ETH_P_IP)) {
+            return Err(PASS_NOT_IPV4);
+        }
     }
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN).ok_or(PASS_MALFORMED)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, L2).ok_or(PASS_MALFORMED)?;
     // SAFETY: as above, bounds-checked by `ptr_at`.
     let ip = unsafe { &*ip };
     let header_len = ip.header_len();
@@ -85,11 +101,12 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, u32> {
     if ip.version() != 4
         || header_len < IPV4_MIN_LEN
         || tot_len < header_len
-        || ETH_HDR_LEN + tot_len > ctx.len() as usize
+        || L2 + tot_len > ctx.len() as usize
     {
         return Err(PASS_MALFORMED);
     }
     Ok(Ipv4 {
+        l3_off: L2,
         src: u32::from_ne_bytes(ip.src),
         dst: u32::from_ne_bytes(ip.dst),
         check: u16::from_ne_bytes(ip.check),
@@ -97,7 +114,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Ipv4, u32> {
         later_fragment: u16::from_be_bytes(ip.frag_off) & 0x1fff != 0,
         more_fragments: u16::from_be_bytes(ip.frag_off) & IP_MF != 0,
         id: u16::from_ne_bytes(ip.id),
-        l4_off: ETH_HDR_LEN + header_len,
+        l4_off: L2 + header_len,
         l4_len: tot_len - header_len,
     })
 }

@@ -22,11 +22,12 @@ use crate::{
     parse::{parse_ipv4, parse_l4},
 };
 
+/// `L2`: the uplink's link-layer header length (`headers::ETH_HDR_LEN` or `RAW_IP_HDR_LEN`).
 #[inline(always)]
-pub fn try_uplink_egress(ctx: &TcContext) -> Result<(), u32> {
+pub fn try_uplink_egress<const L2: usize>(ctx: &TcContext) -> Result<(), u32> {
     // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let result = translate(ctx, ifindex);
+    let result = translate::<L2>(ctx, ifindex);
     let id = match result {
         Ok(Some(id)) => Some(id),
         _ => uplink_of(ifindex),
@@ -54,8 +55,8 @@ fn uplink_of(ifindex: u32) -> Option<u32> {
 /// clamped to this interface's uplink whether or not they belong to a flow), later fragments
 /// and ICMP errors find the uplink by interface first.
 #[inline(always)]
-fn translate(ctx: &TcContext, ifindex: u32) -> Result<Option<u32>, u32> {
-    let ip = parse_ipv4(ctx)?;
+fn translate<const L2: usize>(ctx: &TcContext, ifindex: u32) -> Result<Option<u32>, u32> {
+    let ip = parse_ipv4::<L2>(ctx)?;
     if ip.later_fragment {
         let id = uplink_of(ifindex).ok_or(PASS_NOT_TRANSLATED)?;
         return fragments::translate(ctx, &ip, Side::Source, id).map(|()| Some(id));

@@ -26,10 +26,11 @@ use crate::{
     parse::{parse_ipv4, parse_l4},
 };
 
+/// `L2`: the uplink's link-layer header length (`headers::ETH_HDR_LEN` or `RAW_IP_HDR_LEN`).
 #[inline(always)]
-pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
+pub fn try_uplink_ingress<const L2: usize>(ctx: &TcContext) -> Result<(), u32> {
     let mut own_reply = false;
-    let result = translate(ctx, &mut own_reply);
+    let result = translate::<L2>(ctx, &mut own_reply);
     // A reply of a flow is counted on the flow's uplink, which is the interface it arrived on:
     // that saves the hot path a hash lookup. Everything else finds its uplink by interface.
     let (id, answer) = match result {
@@ -58,8 +59,8 @@ pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
 /// of a flow, `Ok(None)` for the other packets it translated. Sets `own_reply` for a packet of
 /// one of the gateway's own connections (passed untouched).
 #[inline(always)]
-fn translate(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
-    let ip = parse_ipv4(ctx)?;
+fn translate<const L2: usize>(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
+    let ip = parse_ipv4::<L2>(ctx)?;
     if ip.later_fragment {
         return fragments::translate(ctx, &ip, Side::Destination, 0).map(|()| None);
     }

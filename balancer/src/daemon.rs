@@ -29,6 +29,7 @@ use crate::{
     state::{STATUS_VERSION, StateDir, StateError, Status, UplinkStatus},
     stats::UplinkName,
     sysctl::{SysctlBackup, SysctlError},
+    systemd,
     teardown::{self, TeardownError},
 };
 
@@ -322,6 +323,8 @@ async fn serve(
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    // SIGHUP's default action would end the daemon (and `systemctl reload` sends it).
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     // The first apply is all or nothing: a failure rolls back and the daemon exits non-zero.
     let changed = match daemon.reconcile(Strictness::Strict).await {
@@ -356,6 +359,10 @@ async fn serve(
     })?;
     tokio::spawn(serve_status(listener, status.clone(), figures.clone()));
     tracing::info!(socket = %socket.display(), "serving status");
+    systemd::notify("READY=1\nSTATUS=configuration applied");
+    // Fed from this loop, not a task of its own: a hung loop is what the watchdog is for.
+    let watchdog_period = systemd::watchdog_interval();
+    let mut watchdog = tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(3600)));
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     resync.reset();
@@ -370,6 +377,16 @@ async fn serve(
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = hangup.recv() => {
+                tracing::warn!("SIGHUP: re-reading the config is not supported yet; ignored");
+                continue;
+            }
+            _ = watchdog.tick() => {
+                if watchdog_period.is_some() {
+                    systemd::notify("WATCHDOG=1");
+                }
+                continue;
+            }
             _ = resync.tick() => {}
             // A health verdict changed: act at once, no debounce (failover time counts).
             Ok(()) = verdicts.changed() => {}
@@ -473,6 +490,7 @@ async fn serve(
         }
     }
 
+    systemd::notify("STOPPING=1");
     if teardown_on_exit {
         let report = teardown::down(&daemon.netlink, state_dir).await?;
         drop(daemon.dataplane.take());

@@ -21,4 +21,5 @@ pub mod routing;
 pub mod state;
 pub mod stats;
 pub mod sysctl;
+pub mod systemd;
 pub mod teardown;

@@ -14,7 +14,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags},
+        link::{LinkAttribute, LinkFlags, LinkLayerType},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{
             RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope as KernelScope,
@@ -78,6 +78,21 @@ pub struct Link {
     pub carrier: bool,
     /// The interface MTU (0 when the kernel did not say).
     pub mtu: u32,
+    /// No Ethernet header on this interface (PPP, raw-IP LTE, TUN, WireGuard): the data plane
+    /// attaches its raw-IP program variants here.
+    pub raw_ip: bool,
+}
+
+/// Link types whose packets start at the IP header, as tc sees them.
+fn is_raw_ip(link_type: LinkLayerType) -> bool {
+    matches!(
+        link_type,
+        LinkLayerType::None
+            | LinkLayerType::Ppp
+            | LinkLayerType::Rawip
+            | LinkLayerType::Tunnel
+            | LinkLayerType::Ipgre
+    )
 }
 
 /// An IPv4 address on an interface.
@@ -85,6 +100,9 @@ pub struct Link {
 pub struct Address {
     pub ifindex: u32,
     pub network: Ipv4Net,
+    /// The far end of a point-to-point address (`ip addr add A peer B`), as PPP and raw-IP
+    /// LTE links have it.
+    pub peer: Option<Ipv4Addr>,
 }
 
 /// A connection to the kernel's routing subsystem.
@@ -130,6 +148,7 @@ impl Netlink {
                     up: flags.contains(LinkFlags::Up),
                     carrier: flags.contains(LinkFlags::LowerUp),
                     mtu: mtu.unwrap_or(0),
+                    raw_ip: is_raw_ip(message.header.link_layer_type),
                 })
             })
             .collect())
@@ -161,9 +180,18 @@ impl Netlink {
                     })
                 })?;
                 let network = Ipv4Net::new(address, message.header.prefix_len).ok()?;
+                let peer = local.and_then(|local| {
+                    message.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(IpAddr::V4(peer)) if *peer != local => {
+                            Some(*peer)
+                        }
+                        _ => None,
+                    })
+                });
                 Some(Address {
                     ifindex: message.header.index,
                     network,
+                    peer,
                 })
             })
             .collect())

@@ -210,18 +210,37 @@ fn readiness(
             ),
         );
     };
-    let subnet = address.network.trunc();
-    if !subnet.contains(&uplink.gateway)
-        || uplink.gateway == subnet.network()
-        || uplink.gateway == subnet.broadcast()
-    {
-        return problem(
-            "gateway",
-            format!(
-                "{} is not a host in {}'s subnet {subnet}",
-                uplink.gateway, uplink.interface
-            ),
-        );
+    // A point-to-point address (PPP, raw-IP LTE: `A peer B`) reaches only its peer: the
+    // connected route, and so the gateway, is the peer.
+    let (subnet, gateway_problem) = match address.peer {
+        Some(peer) => (
+            Ipv4Net::from(peer),
+            (peer != uplink.gateway).then(|| {
+                format!(
+                    "{} is not the peer {peer} of {}'s point-to-point address",
+                    uplink.gateway, uplink.interface
+                )
+            }),
+        ),
+        None => {
+            let subnet = address.network.trunc();
+            // A /31 (RFC 3021) has two hosts and neither network nor broadcast address.
+            let reserved = subnet.prefix_len() < 31
+                && (uplink.gateway == subnet.network() || uplink.gateway == subnet.broadcast());
+            let outside = !subnet.contains(&uplink.gateway) || reserved;
+            (
+                subnet,
+                outside.then(|| {
+                    format!(
+                        "{} is not a host in {}'s subnet {subnet}",
+                        uplink.gateway, uplink.interface
+                    )
+                }),
+            )
+        }
+    };
+    if let Some(message) = gateway_problem {
+        return problem("gateway", message);
     }
     // The kernel removes the routes of an interface that is set down and refuses new ones, so
     // such an uplink waits (also at start: a modem may come up after the gateway).

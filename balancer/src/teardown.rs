@@ -47,10 +47,20 @@ pub async fn down(
     // for a table that is about to disappear.
     let (mut links_removed, mut maps_removed) = (0, 0);
     match crate::dataplane::bpffs::PinDir::for_this_namespace() {
-        Ok(pins) => match crate::dataplane::teardown(&pins) {
-            Ok((links, maps)) => (links_removed, maps_removed) = (links, maps),
-            Err(error) => failures.push(crate::daemon::error_chain(&error)),
-        },
+        Ok(pins) => {
+            match crate::dataplane::teardown(&pins) {
+                Ok((links, maps)) => (links_removed, maps_removed) = (links, maps),
+                Err(error) => failures.push(crate::daemon::error_chain(&error)),
+            }
+            // Pins an older build left under another layout version go too.
+            match crate::dataplane::pins::remove_older_versions(&pins) {
+                Ok((links, maps)) => {
+                    links_removed += links;
+                    maps_removed += maps;
+                }
+                Err(error) => failures.push(crate::daemon::error_chain(&error)),
+            }
+        }
         Err(error) => failures.push(crate::daemon::error_chain(&error)),
     }
     let _ = std::fs::remove_file(crate::stats::names_path(&state_dir.path));

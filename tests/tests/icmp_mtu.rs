@@ -3,6 +3,10 @@
 //! refused" and traceroute-style "time exceeded" work through the NAT, and SYNs announce an MSS
 //! that fits the uplink, so TCP works over a smaller-MTU uplink even where ICMP is filtered.
 //!
+//! The PMTU, ICMP-error and MSS tests run twice: over Ethernet uplinks, and over raw-IP
+//! point-to-point uplinks (TUN devices without an Ethernet header, `A peer B`, as PPPoE or an
+//! LTE modem gives them), where the data plane attaches its raw-IP program variants.
+//!
 //! Root only. Each test builds its own lab (prefix `bal-im<pid>`) with `balancer run` in it,
 //! one at a time under the shared lock of `common::transparent`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,6 +20,23 @@ use common::transparent::Gateway;
 use serde::Deserialize;
 
 const UPLINKS: usize = 2;
+
+/// The lab's uplinks: Ethernet (veth to a router), or raw-IP point-to-point for every uplink.
+#[derive(Clone, Copy, Debug)]
+enum Uplinks {
+    Ethernet,
+    RawIp,
+}
+
+fn lab_up(uplinks: Uplinks) -> Gateway {
+    Gateway::up("im", |p| {
+        let mut spec = LabSpec::new(p, UPLINKS);
+        if let Uplinks::RawIp = uplinks {
+            spec.raw_ip = (1..=UPLINKS).collect();
+        }
+        spec
+    })
+}
 
 /// What `labtool icmp-probe` prints.
 #[derive(Debug, Deserialize)]
@@ -47,7 +68,16 @@ fn probe(gw: &Gateway, target: SocketAddrV4, ttl: u8) -> Probe {
 /// "fragmentation needed" reaches the client through the NAT, which lowers its path MTU.
 #[test]
 fn path_mtu_discovery_works_through_the_nat() {
-    let gw = Gateway::up("im", |p| LabSpec::new(p, UPLINKS));
+    path_mtu_discovery(Uplinks::Ethernet);
+}
+
+#[test]
+fn path_mtu_discovery_works_through_the_nat_over_raw_ip() {
+    path_mtu_discovery(Uplinks::RawIp);
+}
+
+fn path_mtu_discovery(uplinks: Uplinks) {
+    let gw = lab_up(uplinks);
     let lab = &gw.lab;
     // Only the router's side of the hop: the server keeps announcing MSS 1460, so the client
     // sends full-size segments until the router tells it otherwise (the few small segments
@@ -82,7 +112,16 @@ fn path_mtu_discovery_works_through_the_nat() {
 /// the client, quoting the client's own address and port, and its socket reports it.
 #[test]
 fn closed_udp_port_is_refused_at_the_client() {
-    let gw = Gateway::up("im", |p| LabSpec::new(p, UPLINKS));
+    closed_udp_port_is_refused(Uplinks::Ethernet);
+}
+
+#[test]
+fn closed_udp_port_is_refused_at_the_client_over_raw_ip() {
+    closed_udp_port_is_refused(Uplinks::RawIp);
+}
+
+fn closed_udp_port_is_refused(uplinks: Uplinks) {
+    let gw = lab_up(uplinks);
     let probe = probe(&gw, SocketAddrV4::new(SERVER_ADDR, 9999), 64);
     eprintln!("{probe:?}");
     assert_eq!((probe.icmp_type, probe.icmp_code), (3, 3), "{probe:?}");
@@ -97,7 +136,16 @@ fn closed_udp_port_is_refused_at_the_client() {
 /// client, naming the client's own address and port.
 #[test]
 fn expired_ttl_brings_time_exceeded_to_the_client() {
-    let gw = Gateway::up("im", |p| LabSpec::new(p, UPLINKS));
+    expired_ttl_brings_time_exceeded(Uplinks::Ethernet);
+}
+
+#[test]
+fn expired_ttl_brings_time_exceeded_to_the_client_over_raw_ip() {
+    expired_ttl_brings_time_exceeded(Uplinks::RawIp);
+}
+
+fn expired_ttl_brings_time_exceeded(uplinks: Uplinks) {
+    let gw = lab_up(uplinks);
     // The gateway forwards with TTL 2 -> 1; the ISP router cannot.
     let probe = probe(&gw, SocketAddrV4::new(SERVER_ADDR, 9000), 2);
     eprintln!("{probe:?}");
@@ -120,7 +168,16 @@ fn expired_ttl_brings_time_exceeded_to_the_client() {
 /// kernel, this test black-holes: 0 bytes).
 #[test]
 fn mss_clamping_makes_tcp_work_over_a_smaller_mtu_without_icmp() {
-    let gw = Gateway::up("im", |p| LabSpec::new(p, UPLINKS));
+    mss_clamping_without_icmp(Uplinks::Ethernet);
+}
+
+#[test]
+fn mss_clamping_makes_tcp_work_over_a_smaller_mtu_without_icmp_over_raw_ip() {
+    mss_clamping_without_icmp(Uplinks::RawIp);
+}
+
+fn mss_clamping_without_icmp(uplinks: Uplinks) {
+    let gw = lab_up(uplinks);
     let lab = &gw.lab;
     for i in 1..=UPLINKS {
         lab.set_mtu(&lab.gw(), &lab.uplink_interface(i), 1492)
@@ -150,7 +207,16 @@ fn mss_clamping_makes_tcp_work_over_a_smaller_mtu_without_icmp() {
 /// fragmented: first fragments are translated like any echo, later ones by their IP id.
 #[test]
 fn fragmented_echo_crosses_the_nat() {
-    let gw = Gateway::up("im", |p| LabSpec::new(p, UPLINKS));
+    fragmented_echo(Uplinks::Ethernet);
+}
+
+#[test]
+fn fragmented_echo_crosses_the_nat_over_raw_ip() {
+    fragmented_echo(Uplinks::RawIp);
+}
+
+fn fragmented_echo(uplinks: Uplinks) {
+    let gw = lab_up(uplinks);
     let lab = &gw.lab;
     let server = SERVER_ADDR.to_string();
     let args = [

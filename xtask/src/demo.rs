@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: the main job on the built-in lab. Brings up three shaped uplinks, runs
+//! `cargo xtask demo`: the main job on the built-in lab. Brings up three shaped uplinks (Ethernet,
+//! raw-IP point-to-point, DHCP-addressed), runs
 //! the balancer daemon in the gateway, shows each uplink's traffic leaving by its own ISP with its
 //! own source address (the routing foundation), then the LAN clients' parallel transfers spread
 //! over all uplinks by the eBPF data plane with live per-uplink rates and a summary, prints the
@@ -34,9 +35,13 @@ pub fn run() -> anyhow::Result<()> {
         .to_string();
 
     step(
-        "Bringing up the lab: 2 LAN clients, a gateway, 3 ISPs shaped to 20/20/10 Mbit/s, an internet host",
+        "Bringing up the lab: 2 LAN clients, a gateway, 3 ISPs shaped to 20/20/10 Mbit/s (wan1 Ethernet, wan2 raw-IP point-to-point like PPPoE or LTE, wan3 addressed by DHCP), an internet host",
     );
-    let lab = Lab::up(LabSpec::new(PREFIX, 3))?;
+    let mut spec = LabSpec::new(PREFIX, 3);
+    // The uplinks as they come in the field: one of each kind beside Ethernet.
+    spec.raw_ip = vec![2];
+    spec.dhcp = vec![3];
+    let lab = Lab::up(spec)?;
     println!("{}", lab::picture(&lab));
     let config_path = lab.state_dir().join("balancer.toml");
     std::fs::write(&config_path, lab.balancer_config_toml()).context("writing the demo config")?;
@@ -44,8 +49,11 @@ pub fn run() -> anyhow::Result<()> {
     println!("Config ({config}):\n{}", lab.balancer_config_toml());
 
     let gw = lab.gw();
-    step("Before: the gateway has no default route, so nothing reaches the internet");
-    match lab.tcp_whoami(&gw, None, Duration::from_millis(500)) {
+    step(
+        "Before: the gateway does not forward, and its only default route is the one wan3's DHCP client installed, so no LAN client reaches the internet",
+    );
+    show(&lab.exec_ok(&gw, &["ip", "route", "show", "default"])?);
+    match lab.tcp_whoami(&lab.client(1), None, Duration::from_millis(500)) {
         Ok(seen) => {
             bail!("the lab leaked: the internet host answered ({seen}) before the balancer ran")
         }

@@ -53,6 +53,14 @@ struct UpArgs {
     /// Do not start the servers in the internet namespace.
     #[arg(long)]
     no_servers: bool,
+    /// Uplinks (1-based, e.g. 2 or 2,3) that are raw-IP point-to-point links like PPPoE or an
+    /// LTE modem: TUN devices without an Ethernet header, `198.18.i.2 peer 198.18.i.1`.
+    #[arg(long, value_delimiter = ',')]
+    raw_ip: Vec<usize>,
+    /// Uplinks (1-based) addressed by DHCP: dnsmasq at the ISP, udhcpc on the gateway
+    /// (address and a default route in the main table, metric 100 + i).
+    #[arg(long, value_delimiter = ',')]
+    dhcp: Vec<usize>,
 }
 
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
@@ -86,6 +94,8 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
     spec.same_subnet = args.same_subnet;
     spec.rp_filter = args.rp_filter;
     spec.servers = !args.no_servers;
+    spec.raw_ip.clone_from(&args.raw_ip);
+    spec.dhcp.clone_from(&args.dhcp);
     spec.validate()?;
 
     let labtool = build_labtool()?;
@@ -141,10 +151,20 @@ pub(crate) fn picture(lab: &Lab) -> String {
         let rate = spec
             .rate_mbit(i)
             .map_or("unshaped".to_owned(), |r| format!("{r} Mbit/s"));
+        let (address, kind) = if spec.is_raw_ip(i) {
+            (
+                format!("{} peer {}", lab.uplink_source(i), lab.uplink_gateway(i)),
+                ", raw IP (TUN relay)",
+            )
+        } else if spec.is_dhcp(i) {
+            (format!("{}/24", lab.uplink_source(i)), ", DHCP")
+        } else {
+            (format!("{}/24", lab.uplink_source(i)), "")
+        };
         s.push_str(&format!(
-            "      {} {:<12} ── down0 {:<12} [{}] up0 198.19.{i}.2 ── isp{i} 198.19.{i}.1  ({rate})\n",
+            "      {} {:<12} ── down0 {:<12} [{}] up0 198.19.{i}.2 ── isp{i} 198.19.{i}.1  ({rate}{kind})\n",
             lab.uplink_interface(i),
-            format!("{}/24", lab.uplink_source(i)),
+            address,
             lab.uplink_gateway(i),
             lab.isp(i),
         ));

@@ -34,6 +34,10 @@ const LAB_PACKAGES: &[&str] = &[
     "tcpdump",
     "nftables",
     "curl",
+    // DHCP-addressed uplinks in the lab (`lab up --dhcp`): the gateway's client.
+    "udhcpc",
+    // The systemd lab test boots this machine's root under systemd-nspawn.
+    "systemd-container",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13";

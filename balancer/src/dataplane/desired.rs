@@ -4,7 +4,10 @@
 use std::net::Ipv4Addr;
 
 use balancer_common::{
-    maps::{PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS},
+    maps::{
+        PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_EGRESS_RAW_IP,
+        PROGRAM_UPLINK_INGRESS, PROGRAM_UPLINK_INGRESS_RAW_IP,
+    },
     policy::smooth_weighted_schedule,
     uplink::{DESTINATION_ENTRIES, DESTINATION_PASS, SCHEDULE_SLOTS, Settings},
 };
@@ -94,10 +97,14 @@ pub fn desired(
             enabled: usable && link.carrier && !observed.down.contains(&uplink.id),
             mss_max: mss_for_mtu(link.mtu),
         });
-        for (program, direction) in [
-            (PROGRAM_UPLINK_EGRESS, Direction::Egress),
-            (PROGRAM_UPLINK_INGRESS, Direction::Ingress),
-        ] {
+        // The link type decides the program variant once, at attach time: an Ethernet uplink's
+        // programs never look for a raw-IP packet.
+        let (egress, ingress) = if link.raw_ip {
+            (PROGRAM_UPLINK_EGRESS_RAW_IP, PROGRAM_UPLINK_INGRESS_RAW_IP)
+        } else {
+            (PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS)
+        };
+        for (program, direction) in [(egress, Direction::Egress), (ingress, Direction::Ingress)] {
             attachments.push(Attachment {
                 program,
                 interface: link.interface.clone(),
@@ -110,7 +117,10 @@ pub fn desired(
             .iter()
             .find(|a| a.ifindex == link.interface.index && a.network.addr() == uplink.source)
         {
-            let subnet = address.network.trunc();
+            // A point-to-point address reaches only its peer.
+            let subnet = address
+                .peer
+                .map_or_else(|| address.network.trunc(), Ipv4Net::from);
             // Two uplinks sharing a subnet cannot both own it; the first one listed does.
             if subnet.prefix_len() > 0 && !destinations.iter().any(|(net, _)| *net == subnet) {
                 destinations.push((subnet, uplink.id));

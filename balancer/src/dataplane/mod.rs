@@ -10,6 +10,7 @@
 pub mod bpffs;
 pub mod desired;
 mod maps;
+pub mod pins;
 mod reset;
 
 use std::{
@@ -171,10 +172,12 @@ pub struct Dataplane {
 }
 
 /// Every program in the object, in the order they are loaded.
-const PROGRAMS: [&str; 3] = [
+const PROGRAMS: [&str; 5] = [
     names::PROGRAM_LAN_INGRESS,
     names::PROGRAM_UPLINK_EGRESS,
     names::PROGRAM_UPLINK_INGRESS,
+    names::PROGRAM_UPLINK_EGRESS_RAW_IP,
+    names::PROGRAM_UPLINK_INGRESS_RAW_IP,
 ];
 
 /// Every map user space pins and shares with the programs.
@@ -204,6 +207,10 @@ impl Dataplane {
     /// Loads the object with every map pinned under `pins`, reusing maps (and so flows and
     /// counters) that an earlier daemon pinned there. Returns whether it adopted existing pins.
     pub fn load_pinned(pins: &PinDir, flow_entries: u32) -> Result<(Self, bool), DataplaneError> {
+        pins::remove_older_versions(pins)?;
+        if pins.exists() {
+            pins::remove_stale_maps(pins, &PINNED_MAPS)?;
+        }
         let adopted = pins.exists();
         pins.create()?;
         let paths: Vec<(&'static str, std::path::PathBuf)> = PINNED_MAPS
@@ -343,24 +350,34 @@ impl Dataplane {
                 .as_ref()
                 .map(|pins| pins.link(attachment.interface.index, direction));
             let program = classifier(&mut self.ebpf, attachment.program)?;
-            match pin_path {
-                Some(path) if path.exists() => {
-                    // An earlier daemon's link: swap this process's program into it, atomically.
-                    let link = PinnedLink::from_pin(&path)
-                        .map(FdLink::from)
-                        .map_err(|e| ProgramError::IOError(io::Error::other(e)))
-                        .and_then(|fd| {
-                            SchedClassifierLink::try_from(fd)
-                                .map_err(|e| ProgramError::IOError(io::Error::other(e)))
-                        })
-                        .and_then(|link| program.attach_to_link(link))
-                        .map_err(|source| DataplaneError::Adopt {
+            // An earlier daemon's link: swap this process's program into it, atomically. A
+            // link that cannot be adopted (severed: its interface was deleted or re-created, its
+            // namespace re-made; or not a TCX link at all) is stale: unpinned and replaced.
+            let adopted = match &pin_path {
+                Some(path) if path.exists() => match adopt_link(program, path) {
+                    Ok(()) => true,
+                    Err(source) => {
+                        let error = DataplaneError::Adopt {
                             interface: interface.clone(),
                             direction,
                             source: Box::new(source),
+                        };
+                        tracing::warn!(
+                            error = %crate::daemon::error_chain(&error),
+                            path = %path.display(),
+                            "replacing a stale pinned link"
+                        );
+                        std::fs::remove_file(path).map_err(|source| DataplaneError::Unpin {
+                            path: path.display().to_string(),
+                            source,
                         })?;
-                    let _ = link;
-                }
+                        false
+                    }
+                },
+                _ => false,
+            };
+            match pin_path {
+                _ if adopted => {}
                 Some(path) => {
                     let id = program.attach(&interface, attach_type).map_err(|source| {
                         DataplaneError::Attach {
@@ -462,6 +479,16 @@ pub fn teardown(pins: &PinDir) -> Result<(usize, usize), DataplaneError> {
         let _ = std::fs::remove_dir(parent);
     }
     Ok(counts)
+}
+
+/// Swaps `program` into the TCX link pinned at `path`.
+fn adopt_link(program: &mut SchedClassifier, path: &std::path::Path) -> Result<(), ProgramError> {
+    let fd = PinnedLink::from_pin(path)
+        .map(FdLink::from)
+        .map_err(|e| ProgramError::IOError(io::Error::other(e)))?;
+    let link = SchedClassifierLink::try_from(fd)
+        .map_err(|e| ProgramError::IOError(io::Error::other(e)))?;
+    program.attach_to_link(link).map(drop)
 }
 
 fn classifier<'a>(

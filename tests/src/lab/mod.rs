@@ -23,9 +23,14 @@
 //! - `state`: the state file and finding a lab's namespaces by name;
 //! - `teardown`: [`Lab::down`] and tearing down on drop;
 //! - `status`: the human-readable state of a lab;
-//! - `tweaks`: changes to a lab that is up (an interface's MTU, dropping ICMP).
+//! - `tweaks`: changes to a lab that is up (an interface's MTU, dropping ICMP);
+//! - `dhcp`: DHCP-addressed uplinks (dnsmasq at the ISP, udhcpc on the gateway);
+//! - `raw_ip`: raw-IP point-to-point uplinks (TUN devices and their relay), connected and
+//!   disconnected like a PPP session.
 
 mod clients;
+mod dhcp;
+mod raw_ip;
 mod servers;
 mod state;
 mod status;
@@ -49,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use crate::process::{self, ChildGuard, DEFAULT_TIMEOUT, describe, run_bounded};
 
 pub use clients::{LinkCounters, Ping, SourceShare, StreamResult, Streams, TcpMany, Transfer};
+pub use dhcp::dhcp_route_metric;
 pub use state::{LabState, find_namespaces, is_lab_namespace, read_state, state_dir};
 pub use topology::{ensure_bpffs, tbf_burst_bytes};
 
@@ -122,6 +128,16 @@ pub struct LabSpec {
     pub rp_filter: RpFilter,
     /// Start the servers in the internet namespace.
     pub servers: bool,
+    /// Uplinks (1-based) that are raw-IP point-to-point links, like PPPoE's `ppp0` or an LTE
+    /// modem's `wwan0`: a TUN device at each end relayed by `labtool tun-relay`, the gateway's
+    /// `wan<i>` with `198.18.i.2 peer 198.18.i.1`, and no Ethernet header.
+    #[serde(default)]
+    pub raw_ip: Vec<usize>,
+    /// Uplinks (1-based) whose gateway address comes by DHCP: dnsmasq in the ISP's namespace
+    /// leases `198.18.i.2/24` with router `198.18.i.1`, and udhcpc on the gateway installs it
+    /// with a default route in the main table (metric [`dhcp_route_metric`]).
+    #[serde(default)]
+    pub dhcp: Vec<usize>,
 }
 
 impl LabSpec {
@@ -134,6 +150,8 @@ impl LabSpec {
             same_subnet: false,
             rp_filter: RpFilter::Strict,
             servers: true,
+            raw_ip: Vec::new(),
+            dhcp: Vec::new(),
         }
     }
 
@@ -165,6 +183,26 @@ impl LabSpec {
             !self.same_subnet || self.uplinks >= 2,
             "--same-subnet needs at least 2 uplinks"
         );
+        for &i in &self.dhcp {
+            ensure!(
+                (1..=self.uplinks).contains(&i)
+                    && !self.is_raw_ip(i)
+                    && !(self.same_subnet && i <= 2),
+                "DHCP uplink {i} must be one of the uplinks 1..={}, Ethernet, and not in --same-subnet",
+                self.uplinks
+            );
+        }
+        for &i in &self.raw_ip {
+            ensure!(
+                (1..=self.uplinks).contains(&i),
+                "raw-IP uplink {i} is not one of the uplinks 1..={}",
+                self.uplinks
+            );
+            ensure!(
+                !(self.same_subnet && i <= 2),
+                "uplinks 1 and 2 share an Ethernet subnet with --same-subnet; uplink {i} cannot be raw-IP"
+            );
+        }
         Ok(())
     }
 
@@ -173,6 +211,16 @@ impl LabSpec {
         i.checked_sub(1)
             .and_then(|k| self.rates_mbit.get(k))
             .copied()
+    }
+
+    /// Whether uplink i gets its address by DHCP.
+    pub fn is_dhcp(&self, i: usize) -> bool {
+        self.dhcp.contains(&i)
+    }
+
+    /// Whether uplink i is a raw-IP point-to-point link.
+    pub fn is_raw_ip(&self, i: usize) -> bool {
+        self.raw_ip.contains(&i)
     }
 
     pub fn uplink_source(&self, i: usize) -> Ipv4Addr {
@@ -242,7 +290,7 @@ impl Lab {
             "the lab needs root (network namespaces)"
         );
         ensure_bpffs()?;
-        if spec.servers {
+        if spec.servers || !spec.raw_ip.is_empty() {
             ensure!(
                 labtool.is_file(),
                 "labtool binary not found at {} (build it: cargo build -p balancer-tests --bin labtool, or set BALANCER_LABTOOL)",

@@ -55,30 +55,37 @@ impl Lab {
             cmds.push(format!("link set lanc{c} master {LAN_INTERFACE}"));
             cmds.push(format!("link set lanc{c} up"));
         }
-        for i in 1..=spec.uplinks {
+        for i in (1..=spec.uplinks).filter(|&i| !spec.is_raw_ip(i)) {
             let wan = self.uplink_interface(i);
             cmds.push(format!(
                 "link add {wan} type veth peer name down0 netns {}",
                 self.isp(i)
             ));
-            cmds.push(format!("addr add {}/24 dev {wan}", self.uplink_source(i)));
+            // A DHCP uplink gets its address from its ISP once that is up (below).
+            if !spec.is_dhcp(i) {
+                cmds.push(format!("addr add {}/24 dev {wan}", self.uplink_source(i)));
+            }
             cmds.push(format!("link set {wan} up"));
         }
         ip_batch(&gw, &cmds)?;
 
-        // ISP routers: the uplink side, and a veth to the internet host.
+        // ISP routers: the uplink side, and a veth to the internet host. A raw-IP uplink's
+        // devices come from its relay, started and addressed here.
         for i in 1..=spec.uplinks {
-            ip_batch(
-                &self.isp(i),
-                &[
-                    "link set lo up".to_owned(),
-                    format!("addr add {}/24 dev down0", self.uplink_gateway(i)),
-                    "link set down0 up".to_owned(),
-                    format!("link add up0 type veth peer name isp{i} netns {inet}"),
-                    format!("addr add 198.19.{i}.2/24 dev up0"),
-                    "link set up0 up".to_owned(),
-                ],
-            )?;
+            let mut cmds = vec!["link set lo up".to_owned()];
+            if !spec.is_raw_ip(i) {
+                cmds.push(format!("addr add {}/24 dev down0", self.uplink_gateway(i)));
+                cmds.push("link set down0 up".to_owned());
+            }
+            cmds.extend([
+                format!("link add up0 type veth peer name isp{i} netns {inet}"),
+                format!("addr add 198.19.{i}.2/24 dev up0"),
+                "link set up0 up".to_owned(),
+            ]);
+            ip_batch(&self.isp(i), &cmds)?;
+            if spec.is_raw_ip(i) {
+                self.connect_raw_ip(i, self.uplink_source(i), self.uplink_gateway(i))?;
+            }
         }
 
         // Internet host: the service addresses on a dummy interface, and a /32 route back to
@@ -129,6 +136,10 @@ impl Lab {
                     "rule add iif down0 blackhole prio 101".to_owned(),
                 ],
             )?;
+        }
+
+        for i in (1..=spec.uplinks).filter(|&i| spec.is_dhcp(i)) {
+            self.start_dhcp(i, self.uplink_source(i))?;
         }
 
         for c in 1..=2 {
@@ -226,7 +237,7 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// Runs `ip -n ns -batch -` with these commands; the error names the namespace and the line.
-fn ip_batch(ns: &str, cmds: &[String]) -> anyhow::Result<()> {
+pub(super) fn ip_batch(ns: &str, cmds: &[String]) -> anyhow::Result<()> {
     batch("ip", ns, cmds)
 }
 

@@ -31,6 +31,7 @@ mod ping;
 mod raw;
 mod serve;
 mod source;
+mod tun_relay;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -51,6 +52,7 @@ use crate::{
     ping::ping,
     serve::serve,
     source::{download, streams},
+    tun_relay::tun_relay,
 };
 
 /// Upper bound on any client's duration, whatever the caller asks for.
@@ -199,6 +201,22 @@ enum Cmd {
         dhcp: Option<String>,
         #[arg(long, default_value_t = 1)]
         count: u32,
+    },
+    /// A raw-IP point-to-point link (what PPP or an LTE modem's raw-IP interface is to tc): a
+    /// TUN device here and one in another namespace, relayed by this process until killed or
+    /// --seconds pass. Ending the relay deletes both interfaces. Prints `ready` when both exist.
+    TunRelay {
+        /// The device in this process's namespace, e.g. wan2.
+        local: String,
+        /// The other namespace's name (under /run/netns).
+        #[arg(long)]
+        peer_netns: String,
+        /// The device in the other namespace, e.g. down0.
+        #[arg(long)]
+        peer: String,
+        /// Lifetime bound (at most a day).
+        #[arg(long, default_value_t = 21_600)]
+        seconds: u64,
     },
     /// Wait until every given TCP address accepts a connection.
     WaitTcp {
@@ -392,6 +410,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             raw::raw_send(&kind, dst, bounded_count(count)?)
         }
+        Cmd::TunRelay {
+            local,
+            peer_netns,
+            peer,
+            seconds,
+        } => tun_relay(
+            &local,
+            &peer_netns,
+            &peer,
+            Duration::from_secs(seconds.clamp(1, 86_400)),
+        ),
         Cmd::WaitTcp { addrs, timeout_ms } => {
             let deadline = Instant::now() + Duration::from_millis(timeout_ms);
             for addr in addrs {

@@ -1,0 +1,233 @@
+//! Uplinks as they come in the field, in the lab: a raw-IP point-to-point uplink (TUN devices,
+//! no Ethernet header, `A peer B`, what PPPoE's `ppp0` or an LTE modem's `wwan0` is to tc) and a
+//! DHCP-addressed one (dnsmasq at the ISP, udhcpc on the gateway), beside Ethernet: transparent,
+//! proxied and the gateway's own traffic, and the lab's redial and renumbering. Each ISP
+//! forwards only its own uplink's source address, so a connection that arrives with the right
+//! source proves the translation (or the gateway's own routing) on that uplink.
+//!
+//! Root only. Each test builds its own lab (prefix `bal-fu<pid>`) with `balancer run` in it,
+//! one at a time under the shared lock of `common::transparent`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use balancer_tests::{
+    lab::{LabSpec, dhcp_route_metric},
+    process::{DEFAULT_TIMEOUT, run_bounded},
+};
+use common::transparent::Gateway;
+
+/// wan1 Ethernet, wan2 raw IP, wan3 DHCP; unshaped, so only the kind of link differs.
+fn field_lab() -> Gateway {
+    Gateway::up("fu", |p| {
+        let mut spec = LabSpec::new(p, 3);
+        spec.rates_mbit.clear();
+        spec.raw_ip = vec![2];
+        spec.dhcp = vec![3];
+        spec
+    })
+}
+
+#[test]
+fn raw_ip_and_dhcp_uplinks_carry_transparent_and_own_traffic_with_their_source() {
+    let gw = field_lab();
+    let lab = &gw.lab;
+    // The lab really built the field's links: no link-layer header on wan2, a leased address
+    // and a DHCP default route on wan3.
+    let wan2 = lab
+        .exec_ok(&lab.gw(), &["ip", "-d", "addr", "show", "dev", "wan2"])
+        .unwrap();
+    assert!(
+        wan2.contains("link/none") && wan2.contains("198.18.2.2 peer 198.18.2.1/32"),
+        "{wan2}"
+    );
+    let main = lab
+        .exec_ok(&lab.gw(), &["ip", "route", "show", "default"])
+        .unwrap();
+    assert!(
+        main.contains(&format!(
+            "default via 198.18.3.1 dev wan3 metric {}",
+            dhcp_route_metric(3)
+        )),
+        "{main}"
+    );
+
+    // Transparent: new connections from a client are spread over all three, each translated
+    // to its uplink's address (any other source is dropped by that ISP).
+    let many = lab
+        .tcp_many(&lab.client(1), 30, None, Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(many.failed, 0, "{many:?}\n{}", gw.diagnostics());
+    for i in 1..=3 {
+        let seen = many
+            .sources
+            .get(&lab.uplink_source(i))
+            .copied()
+            .unwrap_or(0);
+        // Equal weights; the round-robin cursor is per CPU, so the split is near, not exactly,
+        // even.
+        assert!(seen >= 5, "uplink {i}: {many:?}\n{}", gw.diagnostics());
+    }
+    // A transfer on the raw-IP uplink works in both directions, segments and all.
+    let streams = lab.streams(&lab.client(2), 6, 2.0, 0.0).unwrap();
+    assert_eq!(streams.failed, 0, "{streams:?}");
+    assert!(
+        streams
+            .sources
+            .get(&lab.uplink_source(2))
+            .is_some_and(|s| s.bytes > 1_000_000),
+        "{streams:?}"
+    );
+
+    // The gateway's own sockets bound to each uplink's address leave by that uplink.
+    for i in 2..=3 {
+        let seen = lab
+            .tcp_whoami(
+                &lab.gw(),
+                Some(lab.uplink_source(i)),
+                Duration::from_secs(3),
+            )
+            .unwrap();
+        assert_eq!(*seen.ip(), lab.uplink_source(i));
+    }
+}
+
+/// Ending a raw-IP uplink's relay deletes both of its interfaces, as a dropped PPP session
+/// does; connecting again makes new ones (a new ifindex) that the daemon attaches to.
+#[test]
+fn a_raw_ip_uplink_that_drops_and_comes_back_carries_traffic_again() {
+    let mut gw = field_lab();
+    let before = ifindex(&gw, "wan2");
+    gw.lab.disconnect_raw_ip(2).unwrap();
+    let isp_side = run_bounded(
+        Command::new("ip").args(["-n", &gw.lab.isp(2), "link", "show", "dev", "down0"]),
+        DEFAULT_TIMEOUT,
+    )
+    .unwrap();
+    assert!(
+        !isp_side.status.success(),
+        "the ISP's end outlived the relay"
+    );
+    let (source, peer) = (gw.lab.uplink_source(2), gw.lab.uplink_gateway(2));
+    gw.lab.connect_raw_ip(2, source, peer).unwrap();
+    assert_ne!(
+        ifindex(&gw, "wan2"),
+        before,
+        "a new device, as after a redial"
+    );
+    // The daemon follows link events; give it its reconcile delay.
+    std::thread::sleep(Duration::from_secs(2));
+    let lab = &gw.lab;
+    let many = lab
+        .tcp_many(&lab.client(1), 30, None, Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(many.failed, 0, "{many:?}\n{}", gw.diagnostics());
+    assert!(
+        many.sources.get(&source).copied().unwrap_or(0) >= 5,
+        "{many:?}\n{}\n{}",
+        gw.diagnostics(),
+        gw.daemon_log()
+    );
+}
+
+fn ifindex(gw: &Gateway, interface: &str) -> u32 {
+    let shown = gw
+        .lab
+        .exec_ok(
+            &gw.lab.gw(),
+            &["cat", &format!("/sys/class/net/{interface}/ifindex")],
+        )
+        .unwrap();
+    shown.trim().parse().unwrap()
+}
+
+/// The lab renumbers its DHCP uplink as an ISP does: the old lease is refused, the client drops
+/// the old address and gets the new one, and the ISP now forwards only the new address.
+#[test]
+fn the_lab_renumbers_a_dhcp_uplink() {
+    let mut spec = LabSpec::new(&common::prefix("fn"), 1);
+    spec.rates_mbit.clear();
+    spec.dhcp = vec![1];
+    let mut lab = balancer_tests::lab::Lab::up(spec).unwrap();
+    let (old, new) = (lab.uplink_source(1), "198.18.1.7".parse().unwrap());
+    lab.renumber_dhcp(1, new).unwrap();
+    let shown = lab
+        .exec_ok(
+            &lab.gw(),
+            &["ip", "-4", "-o", "addr", "show", "dev", "wan1"],
+        )
+        .unwrap();
+    assert!(!shown.contains(&format!(" {old}/")), "{shown}");
+    // The gateway's own traffic leaves by the DHCP default route with the new address.
+    let seen = lab
+        .tcp_whoami(&lab.gw(), Some(new), Duration::from_secs(3))
+        .unwrap();
+    assert_eq!(*seen.ip(), new);
+}
+
+/// The forward proxy binds each upstream connection to an uplink's address: over the raw-IP
+/// and the DHCP uplink too, the internet host sees that uplink's address.
+#[test]
+fn the_proxy_reaches_out_over_raw_ip_and_dhcp_uplinks() {
+    let mut spec = LabSpec::new(&common::prefix("fp"), 3);
+    spec.rates_mbit.clear();
+    spec.raw_ip = vec![2];
+    spec.dhcp = vec![3];
+    let lab = balancer_tests::lab::Lab::up(spec).unwrap();
+    let text = format!(
+        "{}\n[proxy]\nlisten = \"198.18.0.1:3128\"\n",
+        lab.balancer_config_toml().replace(
+            "weight =",
+            &format!("dns = [\"{}\"]\nweight =", balancer_tests::lab::DNS_ADDR)
+        )
+    );
+    let config = common::write_config(&lab, "balancer.toml", &text);
+    let daemon = common::start_daemon(&lab, &config);
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for _ in 0..9 {
+        // The proxy serves once the first apply is done; early refusals are retried.
+        let body = loop {
+            let out = lab
+                .exec(
+                    &lab.client(1),
+                    &[
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "5",
+                        "--proxy",
+                        "http://198.18.0.1:3128",
+                        "http://198.18.9.1:8080/",
+                    ],
+                )
+                .unwrap();
+            if out.status.success() || std::time::Instant::now() > deadline {
+                assert!(
+                    out.status.success(),
+                    "{}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    daemon.log()
+                );
+                break String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let address = body.trim().split(':').next().unwrap_or_default().to_owned();
+        *seen.entry(address).or_default() += 1;
+    }
+    for i in 1..=3 {
+        let source = lab.uplink_source(i).to_string();
+        assert!(
+            seen.get(&source).is_some_and(|&n| n >= 2),
+            "uplink {i} ({source}) under-used or unused: {seen:?}"
+        );
+    }
+    assert_eq!(
+        seen.values().sum::<u32>(),
+        9,
+        "only uplink addresses: {seen:?}"
+    );
+}
