@@ -103,6 +103,23 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     let both = gw.curl(1, &[&format!("http://{ORIGIN}/both")]);
     assert_eq!((both.code, both.body.as_str()), (200, "hello"), "{both:?}");
 
+    // Trailers: asked for upstream when the client accepts them, and forwarded.
+    let (trailers, _) = raw_exchange(
+        &lab.client(1),
+        format!(
+            "GET http://{ORIGIN}/trailers HTTP/1.1\r\nHost: {ORIGIN}\r\nTE: trailers\r\nConnection: close, TE\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(3),
+    );
+    assert!(trailers.starts_with("HTTP/1.1 200"), "{trailers}");
+    assert!(
+        trailers
+            .to_lowercase()
+            .contains("\r\n0\r\nx-checksum: c0ffee\r\n"),
+        "the trailer reached the client: {trailers:?}"
+    );
+
     // The server closes the kept connection as the next request arrives: retried once.
     let once = format!("http://{ORIGIN}/once");
     let retried = gw.curl(1, &[&once, &once]);
