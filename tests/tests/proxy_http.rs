@@ -222,7 +222,7 @@ fn headers_loops_framing_retry_access_log_and_pac() {
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
     gw.start(&format!(
-        "listen = \"198.18.0.1:3128\"\nconnect_ports = [8080]\naccess_log = \"{}\"",
+        "listen = \"198.18.0.1:3128\"\nconnect_ports = [8080, 9002]\naccess_log = \"{}\"",
         log_path.display()
     ));
     let lab = &gw.lab;
@@ -301,6 +301,37 @@ fn headers_loops_framing_retry_access_log_and_pac() {
         std::fs::read_to_string(&rotated).unwrap().lines().count(),
         expected.len()
     );
+
+    // An upload through a tunnel arrives whole, and the half-close carries the count back.
+    const UPLOAD: usize = 2_000_000;
+    let counted = in_namespace(&lab.client(1), || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect("198.18.0.1:3128").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"CONNECT 198.18.9.1:9002 HTTP/1.1\r\nHost: 198.18.9.1:9002\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let chunk = vec![0xa5u8; 1 << 16];
+        let mut left = UPLOAD;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            stream.write_all(&chunk[..n]).unwrap();
+            left -= n;
+        }
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        (String::from_utf8_lossy(&head).into_owned(), answer)
+    });
+    assert!(counted.0.starts_with("HTTP/1.1 200"), "{counted:?}");
+    assert_eq!(counted.1.trim(), UPLOAD.to_string(), "the sink's count");
 
     // Each tunnel costs the proxy three descriptors: 400 of them need more than the usual soft
     // limit of 1,024, which the daemon raised at start to fit max_connections (1,024).
