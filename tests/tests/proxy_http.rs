@@ -250,6 +250,16 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     let refused = gw.curl(1, &["http://198.18.0.12:8088/"]);
     assert_eq!(refused.code, 403);
     expected.push(("GET", lab.client_addr(1), "-".to_string()));
+    // A client that gives up before the answer is logged too (status 499).
+    let origin = Origin::start(&lab.inet(), "198.18.9.1:8090");
+    let (gave_up, _) = raw_exchange(
+        &lab.client(2),
+        b"HEAD http://198.18.9.1:8090/slow HTTP/1.1\r\nHost: 198.18.9.1:8090\r\n\r\n",
+        Duration::from_millis(300),
+    );
+    assert!(gave_up.is_empty(), "{gave_up}");
+    wait_until(Duration::from_secs(3), || !origin.heads().is_empty());
+    expected.push(("HEAD", lab.client_addr(2), "499".to_string()));
     let mut lines = Vec::new();
     wait_until(Duration::from_secs(3), || {
         lines = std::fs::read_to_string(&log_path)
@@ -264,9 +274,14 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     for (method, client, uplink) in &expected {
         let found = lines.iter().any(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
+            let last = if uplink == "499" {
+                fields.get(3).is_some_and(|code| code.ends_with("/499"))
+            } else {
+                fields.last() == Some(&uplink.as_str())
+            };
             fields.get(2) == Some(&client.to_string().as_str())
                 && fields.get(5) == Some(method)
-                && fields.last() == Some(&uplink.as_str())
+                && last
         });
         assert!(
             found,

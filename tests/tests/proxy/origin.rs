@@ -7,6 +7,7 @@
 //!   next request arrives, without answering (a server that dropped a kept connection);
 //! - `/trailers`: a chunked body with a declared `X-Checksum` trailer, sent only when the
 //!   request said `TE: trailers` (as a server may require);
+//! - `/slow`: answers after 2 s;
 //! - `/ws`: 101 Switching Protocols to `websocket`, then echoes whatever comes.
 
 use std::{
@@ -67,6 +68,10 @@ fn serve(mut stream: TcpStream, recorded: &Mutex<Vec<String>>) {
         let answer = match path.as_str() {
             "/both" => "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
             "/once" if served > 0 => return,
+            "/slow" => {
+                std::thread::sleep(Duration::from_secs(2));
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow\n".to_string()
+            }
             "/trailers" if head.to_lowercase().contains("te: trailers") => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: c0ffee\r\n\r\n".to_string(),
             "/trailers" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
             "/ws" => {
