@@ -1,7 +1,9 @@
 //! Uplink ingress: count, then reverse-NAT replies to translated flows (and later fragments of
 //! their datagrams, and ICMP errors about their packets) and mark them with the flow's mark, so they pass rp_filter (`src_valid_mark`) and the `fwmark` rules like the
 //! flow's outgoing packets. Everything else (replies to the gateway's own sockets, whose ports
-//! lie outside the translated range) goes to the stack untouched.
+//! lie outside the translated range, and connections from outside) goes to the stack with its
+//! bytes untouched, marked for this uplink (`inbound`, which also records new inbound
+//! connections so the LAN side's replies leave the way they came).
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use balancer_common::{

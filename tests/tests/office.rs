@@ -27,19 +27,20 @@ use common::{transparent::*, *};
 const BRANCH_LINK: Ipv4Addr = Ipv4Addr::new(198, 18, 20, 2);
 const BRANCH_STATIC: Ipv4Addr = Ipv4Addr::new(198, 18, 21, 1);
 const BRANCH_LATER: Ipv4Addr = Ipv4Addr::new(198, 18, 22, 1);
+/// Behind a route in table 220 only, as strongSwan installs its tunnels' routes.
+const BRANCH_VPN: Ipv4Addr = Ipv4Addr::new(198, 18, 23, 1);
 const WHOAMI: u16 = 9000;
 /// The port the gateway forwards (TCP and UDP) to client 1's whoami server.
 const FORWARDED: u16 = 8080;
 
 /// A namespace behind the gateway's `office0` (a veth), with whoami servers on its addresses.
-struct Branch<'a> {
-    lab: &'a Lab,
+struct Branch {
     ns: String,
     _servers: Vec<ChildGuard>,
 }
 
-impl<'a> Branch<'a> {
-    fn up(lab: &'a Lab) -> Branch<'a> {
+impl Branch {
+    fn up(lab: &Lab) -> Branch {
         let ns = format!("{}-br", lab.prefix());
         let ip = |args: &[&str]| {
             let out = std::process::Command::new("ip")
@@ -55,7 +56,6 @@ impl<'a> Branch<'a> {
         };
         ip(&["netns", "add", &ns]);
         let mut branch = Branch {
-            lab,
             ns: ns.clone(),
             _servers: Vec::new(),
         };
@@ -76,6 +76,7 @@ impl<'a> Branch<'a> {
             "addr add 198.18.20.2/24 dev eth0",
             "addr add 198.18.21.1/32 dev lo",
             "addr add 198.18.22.1/32 dev lo",
+            "addr add 198.18.23.1/32 dev lo",
             "link set eth0 up",
             "route add default via 198.18.20.1",
         ] {
@@ -86,7 +87,7 @@ impl<'a> Branch<'a> {
             ip(&args);
         }
         let tool = lab.labtool().to_string_lossy().into_owned();
-        for addr in [BRANCH_LINK, BRANCH_STATIC, BRANCH_LATER] {
+        for addr in [BRANCH_LINK, BRANCH_STATIC, BRANCH_LATER, BRANCH_VPN] {
             let addr = addr.to_string();
             branch
                 ._servers
@@ -96,13 +97,12 @@ impl<'a> Branch<'a> {
     }
 }
 
-impl Drop for Branch<'_> {
+impl Drop for Branch {
     fn drop(&mut self) {
         self._servers.clear();
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &self.ns])
             .status();
-        let _ = self.lab;
     }
 }
 
@@ -220,6 +220,68 @@ fn a_branch_office_stays_reachable_untranslated() {
     assert_eq!(*seen.ip(), lab.client_addr(1));
     let udp = whoami(lab, &lab.client(2), true, later).unwrap();
     assert_eq!(*udp.ip(), lab.client_addr(2));
+    drop(branch);
+}
+
+/// A VPN daemon's own table (220, like strongSwan's, here with its rule after balancer's): its
+/// routes are office destinations once the table is listed in `[lan] route_tables`. Without
+/// that, the LAN's packets to the branch are balanced out of an uplink and lost.
+#[test]
+fn a_vpn_table_in_route_tables_is_an_office_destination() {
+    let mut gw = Gateway::up("off", |p| LabSpec::new(p, 2));
+    let branch = Branch::up(&gw.lab);
+    let lab = &gw.lab;
+    let gw_ns = lab.gw();
+    for argv in [
+        &[
+            "ip",
+            "route",
+            "add",
+            "198.18.23.0/24",
+            "via",
+            "198.18.20.2",
+            "table",
+            "220",
+        ][..],
+        &["ip", "rule", "add", "priority", "20000", "lookup", "220"][..],
+    ] {
+        lab.exec_ok(&gw_ns, argv).unwrap();
+    }
+    let vpn = SocketAddrV4::new(BRANCH_VPN, WHOAMI);
+    assert!(
+        whoami(lab, &lab.client(1), false, vpn).is_err(),
+        "without route_tables the VPN's network is the internet's"
+    );
+
+    gw.stop_daemon();
+    let lab = &gw.lab;
+    let text = lab
+        .balancer_config_toml()
+        .replacen("[lan]\n", "[lan]\nroute_tables = [220]\n", 1);
+    assert!(text.contains("route_tables"), "{text}");
+    let config = write_config(lab, "balancer-vpn.toml", &text);
+    let daemon = start_daemon(lab, &config);
+    gw.daemon = Some(daemon);
+    wait_for_dataplane(&gw.lab);
+    let lab = &gw.lab;
+    for c in 1..=2 {
+        for udp in [false, true] {
+            let seen = whoami(lab, &lab.client(c), udp, vpn).unwrap_or_else(|e| {
+                panic!(
+                    "client {c} (udp={udp}) to the VPN's table: {e}\n{}",
+                    gw.diagnostics()
+                )
+            });
+            assert_eq!(*seen.ip(), lab.client_addr(c), "udp={udp}");
+        }
+    }
+    let copied = lab
+        .exec_ok(&lab.gw(), &["ip", "route", "show", "table", "2001"])
+        .unwrap();
+    assert!(
+        copied.contains("198.18.23.0/24 via 198.18.20.2 dev office0"),
+        "{copied}"
+    );
     drop(branch);
 }
 
@@ -460,4 +522,85 @@ fn check_warns_about_masquerade_on_an_uplink_not_about_a_forward() {
         "{warned}"
     );
     assert!(!warned.contains("wan1"), "{warned}");
+}
+
+/// A download from a LAN server through a port forward on uplink 2 runs straight through a
+/// daemon restart: the inbound connection is pinned like the flows, so the server's data keeps
+/// being steered back out of uplink 2 (had it been forgotten, its segments would be TCP of no
+/// flow, dropped, and the download would stall).
+#[test]
+fn a_forwarded_download_survives_a_daemon_restart() {
+    let mut gw = Gateway::up("ofe", |p| {
+        let mut spec = LabSpec::new(p, 3);
+        spec.rates_mbit = vec![10, 10, 10];
+        spec
+    });
+    const BYTES: u64 = 6_000_000;
+    let lab = &gw.lab;
+    let tool = lab.labtool().to_string_lossy().into_owned();
+    let client_addr = lab.client_addr(1).to_string();
+    let _lan_server = lab
+        .spawn(&lab.client(1), &[&tool, "serve", "--addr", &client_addr])
+        .unwrap();
+    nft(
+        lab,
+        &lab.gw(),
+        &format!(
+            "table ip portforward {{\n chain prerouting {{\n type nat hook prerouting priority dstnat;\n\
+             tcp dport {FORWARDED} dnat to {client_addr}:8080\n }}\n}}\n"
+        ),
+    );
+    let forwarded = SocketAddrV4::new(lab.uplink_source(2), FORWARDED).to_string();
+    let path = format!("/bytes/{BYTES}");
+    let config = gw.config.clone();
+    let slot = &mut gw.daemon;
+    let (transfer, replies_after) = std::thread::scope(|s| {
+        let download = s.spawn(|| {
+            lab.labtool_exec(
+                &lab.inet(),
+                &[
+                    "http-get",
+                    &forwarded,
+                    "--path",
+                    &path,
+                    "--count",
+                    "--timeout-ms",
+                    "20000",
+                ],
+            )
+            .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut daemon = slot.take().expect("a running daemon");
+        let exit = daemon.terminate(Duration::from_secs(5)).unwrap();
+        assert!(exit.success(), "daemon exit: {exit}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(500));
+        *slot = Some(start_daemon(lab, &config));
+        wait_for_dataplane(lab);
+        let replies_before = reason(lab, "pass_inbound_reply");
+        std::thread::sleep(Duration::from_millis(700));
+        let replies_after = reason(lab, "pass_inbound_reply") - replies_before;
+        assert!(
+            !download.is_finished(),
+            "the download ended before the new daemon ran: the restart was not tested"
+        );
+        (download.join().unwrap(), replies_after)
+    });
+    assert!(
+        transfer.status.success(),
+        "the forwarded download across the restart failed: {}\n{}",
+        String::from_utf8_lossy(&transfer.stderr),
+        gw.diagnostics()
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&transfer.stdout).unwrap();
+    eprintln!("forwarded download across the restart: {summary}");
+    assert_eq!(summary["bytes"].as_u64(), Some(BYTES));
+    let gap = summary["max_gap_ms"].as_f64().unwrap();
+    assert!(gap < 1500.0, "the download stalled for {gap:.0} ms");
+    // Counted per skb: with GSO one is up to 64 KiB, so 0.7 s at 10 Mbit/s makes dozens.
+    assert!(
+        replies_after > 10,
+        "the LAN server's data was not steered after the restart ({replies_after})"
+    );
+    assert_eq!(reason(&gw.lab, "drop_tcp_without_flow"), 0);
 }

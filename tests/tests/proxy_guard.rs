@@ -2,7 +2,8 @@
 //! firewall. A stranger on the LAN wire (an address outside `[lan] networks`) is closed at
 //! accept without an HTTP answer, so 1,100 of its connections do not delay a LAN client; the LAN
 //! address reached from the uplink side is not served; a LAN host, an uplink's subnet and port
-//! 25 are refused, and `proxy.allow` opens one.
+//! 25 are refused, and `proxy.allow` opens one; a client over `max_client_connections` is
+//! closed at accept.
 //!
 //! Root only. Each test builds its own lab (prefix `bal-pxg?<pid>`); dropping the fixture stops
 //! the daemon, runs `balancer down` and removes the lab.
@@ -206,4 +207,35 @@ fn office_networks_and_low_ports_are_refused_and_allow_opens_one() {
     );
     let still = gw.curl(1, &[&modem]);
     assert_eq!(still.code, 403, "only the allowed host opens: {still:?}");
+
+    // max_client_connections: a client's connections over it are closed at accept, unanswered,
+    // and counted; the ones within it are served.
+    gw.stop();
+    gw.start("listen = \"198.18.0.1:3128\"\nmax_client_connections = 5");
+    let answers: Vec<(String, bool)> = in_namespace(&gw.lab.client(1), || {
+        let streams: Vec<TcpStream> = (0..8)
+            .map(|_| TcpStream::connect("198.18.0.1:3128").unwrap())
+            .collect();
+        streams
+            .into_iter()
+            .map(|mut stream| {
+                let _ = stream.write_all(
+                    b"GET http://198.18.9.1:8080/ HTTP/1.1\r\nHost: 198.18.9.1:8080\r\nConnection: close\r\n\r\n",
+                );
+                read_until_closed(&mut stream, Duration::from_secs(3))
+            })
+            .collect()
+    });
+    let served = answers
+        .iter()
+        .filter(|(answer, _)| answer.starts_with("HTTP/1.1 200"))
+        .count();
+    let closed_unanswered = answers
+        .iter()
+        .filter(|(answer, closed)| answer.is_empty() && *closed)
+        .count();
+    assert_eq!((served, closed_unanswered), (5, 3), "{answers:?}");
+    wait_until(Duration::from_secs(2), || {
+        gw.status()["proxy"]["over_limit"].as_u64() == Some(3)
+    });
 }

@@ -103,6 +103,23 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     let both = gw.curl(1, &[&format!("http://{ORIGIN}/both")]);
     assert_eq!((both.code, both.body.as_str()), (200, "hello"), "{both:?}");
 
+    // Trailers: asked for upstream when the client accepts them, and forwarded.
+    let (trailers, _) = raw_exchange(
+        &lab.client(1),
+        format!(
+            "GET http://{ORIGIN}/trailers HTTP/1.1\r\nHost: {ORIGIN}\r\nTE: trailers\r\nConnection: close, TE\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(3),
+    );
+    assert!(trailers.starts_with("HTTP/1.1 200"), "{trailers}");
+    assert!(
+        trailers
+            .to_lowercase()
+            .contains("\r\n0\r\nx-checksum: c0ffee\r\n"),
+        "the trailer reached the client: {trailers:?}"
+    );
+
     // The server closes the kept connection as the next request arrives: retried once.
     let once = format!("http://{ORIGIN}/once");
     let retried = gw.curl(1, &[&once, &once]);
@@ -205,7 +222,7 @@ fn headers_loops_framing_retry_access_log_and_pac() {
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
     gw.start(&format!(
-        "listen = \"198.18.0.1:3128\"\nconnect_ports = [8080]\naccess_log = \"{}\"",
+        "listen = \"198.18.0.1:3128\"\nconnect_ports = [8080, 9002]\naccess_log = \"{}\"",
         log_path.display()
     ));
     let lab = &gw.lab;
@@ -233,6 +250,16 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     let refused = gw.curl(1, &["http://198.18.0.12:8088/"]);
     assert_eq!(refused.code, 403);
     expected.push(("GET", lab.client_addr(1), "-".to_string()));
+    // A client that gives up before the answer is logged too (status 499).
+    let origin = Origin::start(&lab.inet(), "198.18.9.1:8090");
+    let (gave_up, _) = raw_exchange(
+        &lab.client(2),
+        b"HEAD http://198.18.9.1:8090/slow HTTP/1.1\r\nHost: 198.18.9.1:8090\r\n\r\n",
+        Duration::from_millis(300),
+    );
+    assert!(gave_up.is_empty(), "{gave_up}");
+    wait_until(Duration::from_secs(3), || !origin.heads().is_empty());
+    expected.push(("HEAD", lab.client_addr(2), "499".to_string()));
     let mut lines = Vec::new();
     wait_until(Duration::from_secs(3), || {
         lines = std::fs::read_to_string(&log_path)
@@ -247,9 +274,14 @@ fn headers_loops_framing_retry_access_log_and_pac() {
     for (method, client, uplink) in &expected {
         let found = lines.iter().any(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
+            let last = if uplink == "499" {
+                fields.get(3).is_some_and(|code| code.ends_with("/499"))
+            } else {
+                fields.last() == Some(&uplink.as_str())
+            };
             fields.get(2) == Some(&client.to_string().as_str())
                 && fields.get(5) == Some(method)
-                && fields.last() == Some(&uplink.as_str())
+                && last
         });
         assert!(
             found,
@@ -284,6 +316,37 @@ fn headers_loops_framing_retry_access_log_and_pac() {
         std::fs::read_to_string(&rotated).unwrap().lines().count(),
         expected.len()
     );
+
+    // An upload through a tunnel arrives whole, and the half-close carries the count back.
+    const UPLOAD: usize = 2_000_000;
+    let counted = in_namespace(&lab.client(1), || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect("198.18.0.1:3128").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"CONNECT 198.18.9.1:9002 HTTP/1.1\r\nHost: 198.18.9.1:9002\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let chunk = vec![0xa5u8; 1 << 16];
+        let mut left = UPLOAD;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            stream.write_all(&chunk[..n]).unwrap();
+            left -= n;
+        }
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        (String::from_utf8_lossy(&head).into_owned(), answer)
+    });
+    assert!(counted.0.starts_with("HTTP/1.1 200"), "{counted:?}");
+    assert_eq!(counted.1.trim(), UPLOAD.to_string(), "the sink's count");
 
     // Each tunnel costs the proxy three descriptors: 400 of them need more than the usual soft
     // limit of 1,024, which the daemon raised at start to fit max_connections (1,024).

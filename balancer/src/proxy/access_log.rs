@@ -233,6 +233,13 @@ pub fn format_line(entry: &Entry, format: LogFormat, query: bool) -> String {
         LogFormat::Squid => {
             let since = entry.started.duration_since(UNIX_EPOCH).unwrap_or_default();
             let (code, hierarchy) = match &entry.uplink {
+                Some(_) if entry.status == super::http::CLIENT_GONE => (
+                    "TCP_MISS_ABORTED",
+                    format!("HIER_DIRECT/{}", token(&entry.host)),
+                ),
+                None if entry.status == super::http::CLIENT_GONE => {
+                    ("TCP_MISS_ABORTED", "HIER_NONE/-".to_string())
+                }
                 Some(_) => ("TCP_MISS", format!("HIER_DIRECT/{}", token(&entry.host))),
                 None if entry.status == 200 => ("TCP_MEM_HIT", "HIER_NONE/-".to_string()),
                 None => ("TCP_DENIED", "HIER_NONE/-".to_string()),

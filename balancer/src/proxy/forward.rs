@@ -93,7 +93,11 @@ pub(super) async fn forward(
         *shell.extensions_mut() = std::mem::take(&mut parts.extensions);
         hyper::upgrade::on(shell)
     });
+    let trailers = headers::accepts_trailers(&parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
+    if trailers {
+        headers::ask_for_trailers(&mut parts.headers);
+    }
     headers::add_via(&mut parts.headers, parts.version, &shared.via);
     if let Some(protocol) = &upgrade {
         parts.headers.insert(header::UPGRADE, protocol.clone());

@@ -45,6 +45,23 @@ fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Whether the client accepts trailers (`TE: trailers`): then the proxy asks for them
+/// upstream too, since it forwards them (TE itself is hop-by-hop).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Asks the next hop for trailers (RFC 9110 section 10.1.4: TE is named in Connection).
+pub fn ask_for_trailers(headers: &mut HeaderMap) {
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    headers.append(header::CONNECTION, HeaderValue::from_static("te"));
+}
+
 /// Whether a request asks to switch protocols (a WebSocket handshake): `Upgrade` present and
 /// named by `Connection`.
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
@@ -213,6 +230,18 @@ mod tests {
         assert!(!headers.contains_key(header::CONTENT_LENGTH));
         strip_hop_by_hop(&mut headers);
         assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn trailers_are_asked_for_when_the_client_accepts_them() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip, Trailers"));
+        assert!(accepts_trailers(&headers));
+        strip_hop_by_hop(&mut headers);
+        assert!(!accepts_trailers(&headers));
+        ask_for_trailers(&mut headers);
+        assert!(accepts_trailers(&headers));
+        assert_eq!(headers[header::CONNECTION], "te");
     }
 
     #[test]

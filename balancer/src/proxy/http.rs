@@ -19,7 +19,7 @@ use hyper::{
 
 use super::{
     Shared,
-    access_log::{Entry, Logged},
+    access_log::{AccessLog, Entry, Logged},
     counters::UplinkCounters,
     forward::{self, Reusable},
     headers,
@@ -79,14 +79,49 @@ impl Record {
     }
 }
 
+/// The status logged for a request whose client went away before its answer (nginx's).
+pub(super) const CLIENT_GONE: u16 = 499;
+
+/// A request being handled: if the client goes away first (the handler is dropped), it is
+/// still logged, as squid logs aborted requests.
+struct Pending {
+    log: Option<AccessLog>,
+    record: Option<Record>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let (Some(log), Some(mut record)) = (&self.log, self.record.take())
+            && !record.deferred
+        {
+            record.entry.status = CLIENT_GONE;
+            record.entry.elapsed = record.clock.elapsed();
+            log.record(&record.entry);
+        }
+    }
+}
+
 pub(super) async fn handle(
     context: Arc<ConnContext>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let mut record = Record::new(&context, &request);
-    let mut response = respond(&context, request, &mut record).await;
+    let mut pending = Pending {
+        log: context.shared.access_log.clone(),
+        record: Some(Record::new(&context, &request)),
+    };
+    let mut response = match pending.record.as_mut() {
+        Some(record) => respond(&context, request, record).await,
+        None => refuse(
+            &context.shared,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no record",
+        ),
+    };
     let version = response.version();
     headers::add_via(response.headers_mut(), version, &context.shared.via);
+    let Some(mut record) = pending.record.take() else {
+        return Ok(response);
+    };
     let Some(log) = context.shared.access_log.clone() else {
         return Ok(response);
     };

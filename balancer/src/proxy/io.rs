@@ -28,6 +28,8 @@ fn window_capacity(max_header_bytes: usize) -> usize {
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// Bytes read from the watched stream (for a tunnel's server side: what the client got).
+    read: AtomicU64,
 }
 
 impl Activity {
@@ -35,12 +37,18 @@ impl Activity {
         Arc::new(Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            read: AtomicU64::new(0),
         })
     }
 
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Bytes read so far from the stream this activity watches.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
     }
 
     /// Returns once nothing moved for `timeout`.
@@ -198,6 +206,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
             let new = buf.filled().get(before..).unwrap_or_default();
             if !new.is_empty() {
                 self.activity.touch();
+                self.activity
+                    .read
+                    .fetch_add(new.len() as u64, Ordering::Relaxed);
                 if let Some(counters) = &self.counters {
                     UplinkCounters::add(&counters.bytes_down, new.len() as u64);
                 }

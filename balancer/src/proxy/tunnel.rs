@@ -63,15 +63,16 @@ pub(super) async fn tunnel(
         let mut client = TokioIo::new(upgraded);
         let activity = Activity::new();
         let mut server = Watched::upstream(connected.stream, activity.clone(), connected.counters);
-        let moved = tokio::select! {
-            moved = tokio::io::copy_bidirectional_with_sizes(
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional_with_sizes(
                 &mut client, &mut server, TUNNEL_BUFFER, TUNNEL_BUFFER,
-            ) => moved.ok(),
-            () = activity.idle(idle) => None,
-            () = doom.wait() => None,
-        };
+            ) => {}
+            () = activity.idle(idle) => {}
+            () = doom.wait() => {}
+        }
         if let Some(log) = log {
-            entry.bytes = moved.map_or(0, |(_, down)| down);
+            // What came from the server, however the tunnel ended.
+            entry.bytes = activity.bytes_read();
             entry.elapsed = clock.elapsed();
             log.record(&entry);
         }

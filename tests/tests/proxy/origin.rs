@@ -5,6 +5,9 @@
 //! - `/both`: a chunked body `hello` with a wrong `Content-Length: 3` beside it;
 //! - `/once`: answers the first request on a connection, then closes the connection when the
 //!   next request arrives, without answering (a server that dropped a kept connection);
+//! - `/trailers`: a chunked body with a declared `X-Checksum` trailer, sent only when the
+//!   request said `TE: trailers` (as a server may require);
+//! - `/slow`: answers after 2 s;
 //! - `/ws`: 101 Switching Protocols to `websocket`, then echoes whatever comes.
 
 use std::{
@@ -65,6 +68,12 @@ fn serve(mut stream: TcpStream, recorded: &Mutex<Vec<String>>) {
         let answer = match path.as_str() {
             "/both" => "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
             "/once" if served > 0 => return,
+            "/slow" => {
+                std::thread::sleep(Duration::from_secs(2));
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow\n".to_string()
+            }
+            "/trailers" if head.to_lowercase().contains("te: trailers") => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: c0ffee\r\n\r\n".to_string(),
+            "/trailers" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
             "/ws" => {
                 let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
                 if stream.write_all(switch.as_bytes()).is_ok() {

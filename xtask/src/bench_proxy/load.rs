@@ -1,6 +1,7 @@
 //! The load generators and what they measure, from threads in the LAN clients' namespaces with
-//! std sockets: the spread check, requests per second over keep-alive connections, one large
-//! download, and the latency a request gains through the proxy; plus the small HTTP/1.1 client
+//! std sockets: the spread check, requests per second over keep-alive connections and with a
+//! name on a fresh connection each, one large download, one large upload through a CONNECT
+//! tunnel, and the latency a request gains through the proxy; plus the small HTTP/1.1 client
 //! and the namespace helpers they share.
 
 use std::{
@@ -11,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use balancer_tests::lab::{HTTP_PORT, LAN_GATEWAY, Lab, SERVER_ADDR};
+use balancer_tests::lab::{DNS_NAME, HTTP_PORT, LAN_GATEWAY, Lab, SERVER_ADDR, SINK_PORT};
 
 use super::{DOWNLOAD_LIMIT, IO_TIMEOUT, Params, Proxy, SMALL_BYTES, median};
 
@@ -108,6 +109,130 @@ pub(super) fn requests_per_second(
         proxy.name()
     );
     Ok((done as f64 / elapsed, errors))
+}
+
+/// Like [`requests_per_second`], but each request names the server (`www.lab.example`, which
+/// the proxy resolves through the lab's DNS) and goes on a fresh client connection, so every
+/// request needs the name's address: what a resolver cache saves shows here.
+pub(super) fn named_requests_per_second(
+    lab: &Lab,
+    proxy: Proxy,
+    params: &Params,
+) -> anyhow::Result<(f64, u64)> {
+    let target = SocketAddrV4::new(LAN_GATEWAY, proxy.port());
+    let request = format!(
+        "GET http://www.{DNS_NAME}:{HTTP_PORT}/bytes/{SMALL_BYTES} HTTP/1.1\r\nHost: www.{DNS_NAME}:{HTTP_PORT}\r\nConnection: close\r\n\r\n"
+    );
+    let request = request.as_str();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(params.seconds);
+    let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..params.connections)
+            .map(|k| {
+                let ns = lab.client(1 + (k as usize % 2));
+                scope.spawn(move || {
+                    enter(&ns)?;
+                    let (mut done, mut errors) = (0u64, 0u64);
+                    while Instant::now() < deadline && errors < 100 {
+                        let answer = connect(target).and_then(|mut stream| {
+                            exchange(
+                                &mut stream,
+                                request.as_bytes(),
+                                Instant::now() + IO_TIMEOUT,
+                                false,
+                            )
+                        });
+                        match answer {
+                            Ok(response) if response.status == 200 => done += 1,
+                            _ => errors += 1,
+                        }
+                    }
+                    Ok((done, errors))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let (mut done, mut errors) = (0, 0);
+    for result in results {
+        let (d, e) = result?;
+        done += d;
+        errors += e;
+    }
+    ensure!(
+        done > 0,
+        "no named request through {} succeeded ({errors} errors)",
+        proxy.name()
+    );
+    Ok((done as f64 / elapsed, errors))
+}
+
+/// One upload of `bytes` from LAN client 1 through a CONNECT tunnel to the internet host's
+/// sink: Mbit/s from connect until the last byte was handed to the tunnel (the socket buffers
+/// still hold a few MB then, alike for both proxies). The sink's count, when it comes back
+/// after the half-close, must match.
+pub(super) fn upload(lab: &Lab, proxy: Proxy, bytes: u64) -> anyhow::Result<f64> {
+    let target = SocketAddrV4::new(LAN_GATEWAY, proxy.port());
+    let request = format!(
+        "CONNECT {SERVER_ADDR}:{SINK_PORT} HTTP/1.1\r\nHost: {SERVER_ADDR}:{SINK_PORT}\r\n\r\n"
+    );
+    in_namespace(&lab.client(1), move || {
+        let started = Instant::now();
+        let mut stream = connect(target)?;
+        stream
+            .write_all(request.as_bytes())
+            .context("sending CONNECT")?;
+        let mut head = Vec::with_capacity(256);
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream
+                .read(&mut byte)
+                .context("reading the CONNECT answer")?;
+            ensure!(n == 1, "closed before the CONNECT answer");
+            head.push(byte[0]);
+            ensure!(head.len() < 4096, "CONNECT answer over 4 KiB");
+        }
+        let text = String::from_utf8_lossy(&head);
+        ensure!(
+            text.split(' ').nth(1) == Some("200"),
+            "CONNECT answered {text:?}"
+        );
+        let chunk = vec![0xa5u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = usize::try_from(left)
+                .unwrap_or(chunk.len())
+                .min(chunk.len());
+            stream
+                .write_all(&chunk[..n])
+                .with_context(|| format!("uploading, {left} bytes left"))?;
+            left -= n as u64;
+            ensure!(
+                started.elapsed() < DOWNLOAD_LIMIT,
+                "upload deadline passed with {left} bytes left"
+            );
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        // A proxy that ends the whole tunnel on the client's half-close sends no count.
+        let _ = stream.read_to_string(&mut answer);
+        if let Ok(counted) = answer.trim().parse::<u64>() {
+            ensure!(
+                counted == bytes,
+                "the sink counted {counted} of {bytes} bytes"
+            );
+        }
+        Ok(bytes as f64 * 8.0 / seconds / 1e6)
+    })
+    .with_context(|| format!("uploading {bytes} bytes through {}", proxy.name()))
 }
 
 /// Requests on one connection until `deadline`, reconnecting after an error (at most 100).

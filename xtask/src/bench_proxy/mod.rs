@@ -2,7 +2,9 @@
 //! spread its upstream connections over the same uplink addresses (`tcp_outgoing_address` with
 //! `random` ACLs), in one unshaped lab and one run, taking turns round after round (squid, ours,
 //! squid, ours, ...). Rows: requests per second for small responses over keep-alive client
-//! connections, the throughput of one large download, and the latency a request gains by going
+//! connections, the same with a name resolved through the lab's DNS on a fresh connection per
+//! request, the throughput of one large download and of one large upload through a CONNECT
+//! tunnel, and the latency a request gains by going
 //! through the proxy (a fresh connection per request, against the same request sent directly
 //! through the gateway's data plane, taking turns request by request). Prints medians, spreads
 //! (min to max over the rounds) and ours/squid ratios, writes JSON, and with `--write-docs` the
@@ -34,13 +36,15 @@ use std::{
 
 use anyhow::{Context, bail};
 use balancer_tests::{
-    lab::{DNS_ADDR, LAN_GATEWAY, Lab, LabSpec},
+    lab::{DNS_ADDR, LAN_GATEWAY, Lab, LabSpec, SINK_PORT},
     process::ChildGuard,
 };
 use serde::Serialize;
 
 use crate::util;
-use load::{check_spread, download, latency, requests_per_second};
+use load::{
+    check_spread, download, latency, named_requests_per_second, requests_per_second, upload,
+};
 use report::{Row, machine, markdown, rows, table};
 use squid::{ensure_squid, squid_conf, start_squid};
 
@@ -137,6 +141,11 @@ struct Sample {
     time_wait_before: u64,
     time_wait_after_requests: u64,
     download_mbit_per_s: f64,
+    /// One upload of the download's size through a CONNECT tunnel.
+    upload_mbit_per_s: f64,
+    /// Small requests naming the server, each on a fresh connection.
+    named_requests_per_second: f64,
+    named_request_errors: u64,
     /// Median time of one request on a fresh connection, through the proxy and directly.
     latency_proxy_ms: f64,
     latency_direct_ms: f64,
@@ -284,14 +293,17 @@ fn rounds(lab: &Lab, params: &Params) -> anyhow::Result<(Vec<Sample>, Spread)> {
             let sample = measure(lab, params, round, proxy)
                 .with_context(|| format!("round {round}, {}", proxy.name()))?;
             println!(
-                "bench-proxy: round {round}/{} {:5}: {:.0} req/s ({} errors; TIME_WAIT {} -> {}), {:.0} Mbit/s, +{:.3} ms per request ({:.3} through, {:.3} direct)",
+                "bench-proxy: round {round}/{} {:5}: {:.0} req/s ({} errors; TIME_WAIT {} -> {}), {:.0} named req/s ({} errors), {:.0} Mbit/s down, {:.0} Mbit/s up, +{:.3} ms per request ({:.3} through, {:.3} direct)",
                 params.rounds,
                 proxy.name(),
                 sample.requests_per_second,
                 sample.request_errors,
                 sample.time_wait_before,
                 sample.time_wait_after_requests,
+                sample.named_requests_per_second,
+                sample.named_request_errors,
                 sample.download_mbit_per_s,
+                sample.upload_mbit_per_s,
                 sample.added_latency_ms,
                 sample.latency_proxy_ms,
                 sample.latency_direct_ms
@@ -307,6 +319,9 @@ fn measure(lab: &Lab, params: &Params, round: u32, proxy: Proxy) -> anyhow::Resu
     let time_wait_before = time_wait(lab)?;
     let (latency_proxy_ms, latency_direct_ms) = latency(lab, proxy, params.latency_requests)?;
     let download_mbit_per_s = download(lab, proxy, params.download_bytes)?;
+    let upload_mbit_per_s = upload(lab, proxy, params.download_bytes)?;
+    let (named_requests_per_second, named_request_errors) =
+        named_requests_per_second(lab, proxy, params)?;
     let (requests_per_second, request_errors) = requests_per_second(lab, proxy, params)?;
     let time_wait_after_requests = time_wait(lab)?;
     Ok(Sample {
@@ -317,6 +332,9 @@ fn measure(lab: &Lab, params: &Params, round: u32, proxy: Proxy) -> anyhow::Resu
         time_wait_before,
         time_wait_after_requests,
         download_mbit_per_s,
+        upload_mbit_per_s,
+        named_requests_per_second,
+        named_request_errors,
         latency_proxy_ms,
         latency_direct_ms,
         added_latency_ms: latency_proxy_ms - latency_direct_ms,
@@ -357,7 +375,7 @@ fn settle(lab: &Lab) -> anyhow::Result<()> {
 /// once the proxy shows in `status` and the data plane has every uplink.
 fn start_daemon(lab: &Lab, balancer: &str) -> anyhow::Result<ChildGuard> {
     let config = format!(
-        "{}\n[proxy]\nlisten = \"{LAN_GATEWAY}:{OURS_PORT}\"\n",
+        "{}\n[proxy]\nlisten = \"{LAN_GATEWAY}:{OURS_PORT}\"\nconnect_ports = [443, {SINK_PORT}]\n",
         lab.balancer_config_toml()
             .replace("weight =", &format!("dns = [\"{DNS_ADDR}\"]\nweight ="))
     );

@@ -71,10 +71,28 @@ pub(super) fn rows(samples: &[Sample], params: &Params) -> Vec<Row> {
             |s| s.requests_per_second,
         ),
         row(
+            format!(
+                "named requests/s, fresh connection each, {} at once",
+                params.connections
+            ),
+            "req/s",
+            "higher",
+            |s| s.named_requests_per_second,
+        ),
+        row(
             format!("one {} MB download", params.download_bytes / 1_000_000),
             "Mbit/s",
             "higher",
             |s| s.download_mbit_per_s,
+        ),
+        row(
+            format!(
+                "one {} MB upload through CONNECT",
+                params.download_bytes / 1_000_000
+            ),
+            "Mbit/s",
+            "higher",
+            |s| s.upload_mbit_per_s,
         ),
         row(
             "added latency per request (fresh connection)".into(),
@@ -181,13 +199,19 @@ pub(super) fn markdown(report: &Report, existing: &str) -> String {
     let _ = writeln!(
         md,
         "\n## Method\n\n\
-         - Each turn measures the latency rows, then the download, then requests per second \
-         (which leaves the most TIME_WAIT sockets behind).\n\
+         - Each turn measures the latency rows, then the download, the upload, the named \
+         requests, then requests per second (which leaves the most TIME_WAIT sockets behind).\n\
          - Requests per second: {} client connections (alternating between the two LAN \
          clients), each sending `GET http://198.18.9.1:8080/bytes/{SMALL_BYTES}` one after \
          another on a keep-alive connection for {} s; completed responses over the elapsed time.\n\
          - Download: one `GET /bytes/{}` through the proxy from LAN client 1 on a fresh \
          connection, connect to last byte.\n\
+         - Upload: as many bytes sent by LAN client 1 through a CONNECT tunnel to the internet \
+         host's sink (port 9002), connect until the last byte is handed to the tunnel.\n\
+         - Named requests: as many client connections as above, each sending one \
+         `GET http://www.lab.example:8080/bytes/{SMALL_BYTES}` per fresh connection \
+         (`Connection: close`), so each request needs the name's address: squid's ipcache and \
+         our per-uplink cache by TTL answer it (the lab's DNS answers with a 60 s TTL).\n\
          - Added latency: {} requests for {SMALL_BYTES} B one after another, each on a fresh client \
          connection (connect to last byte), through the proxy, minus the median of as many \
          requests sent directly to the server through the gateway's data plane, taking turns \
@@ -219,7 +243,7 @@ pub(super) fn markdown(report: &Report, existing: &str) -> String {
     let _ = writeln!(
         md,
         "\n## squid's configuration\n\n\
-         Cache off, no access log (ours keeps none), defaults otherwise (one worker, \
+         Cache off, no access log (ours keeps none by default), defaults otherwise (one worker, \
          `read_ahead_gap` 16 KB, persistent server connections on). `random` ACLs give each \
          uplink a third: the first takes 1/3, the second 1/2 of the rest, the last the rest.\n\n\
          ```\n{}```",
