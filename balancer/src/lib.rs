@@ -20,3 +20,4 @@ pub mod state;
 pub mod stats;
 pub mod sysctl;
 pub mod teardown;
+pub mod uplink;

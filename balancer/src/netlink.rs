@@ -13,8 +13,8 @@ use rtnetlink::{
     },
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
-        address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags},
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressScope},
+        link::{LinkAttribute, LinkFlags, LinkLayerType},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{
             RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope as KernelScope,
@@ -78,6 +78,9 @@ pub struct Link {
     pub carrier: bool,
     /// The interface MTU (0 when the kernel did not say).
     pub mtu: u32,
+    /// False for links without an Ethernet header (PPP, raw-IP LTE, TUN, WireGuard): their
+    /// routes need no gateway, `dev` is enough.
+    pub ethernet: bool,
 }
 
 /// An IPv4 address on an interface.
@@ -85,6 +88,23 @@ pub struct Link {
 pub struct Address {
     pub ifindex: u32,
     pub network: Ipv4Net,
+    /// The far end of a point-to-point address (`ip addr add A peer B`), as PPPoE and LTE
+    /// modems set it.
+    pub peer: Option<Ipv4Addr>,
+    /// Global scope and not secondary: the address a learned `source` is taken from.
+    pub primary: bool,
+}
+
+impl Address {
+    /// For tests: a primary address without a peer.
+    pub fn new(ifindex: u32, network: Ipv4Net) -> Address {
+        Address {
+            ifindex,
+            network,
+            peer: None,
+            primary: true,
+        }
+    }
 }
 
 /// A connection to the kernel's routing subsystem.
@@ -130,6 +150,7 @@ impl Netlink {
                     up: flags.contains(LinkFlags::Up),
                     carrier: flags.contains(LinkFlags::LowerUp),
                     mtu: mtu.unwrap_or(0),
+                    ethernet: message.header.link_layer_type == LinkLayerType::Ether,
                 })
             })
             .collect())
@@ -154,16 +175,24 @@ impl Netlink {
                     AddressAttribute::Local(IpAddr::V4(address)) => Some(*address),
                     _ => None,
                 });
-                let address = local.or_else(|| {
-                    message.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(IpAddr::V4(address)) => Some(*address),
-                        _ => None,
-                    })
-                })?;
+                let remote = message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(address)) => Some(*address),
+                    _ => None,
+                });
+                let address = local.or(remote)?;
                 let network = Ipv4Net::new(address, message.header.prefix_len).ok()?;
+                let secondary = message
+                    .header
+                    .flags
+                    .contains(AddressHeaderFlags::Secondary)
+                    || message.attributes.iter().any(|a| {
+                        matches!(a, AddressAttribute::Flags(flags) if flags.contains(AddressFlags::Secondary))
+                    });
                 Some(Address {
                     ifindex: message.header.index,
                     network,
+                    peer: remote.filter(|peer| *peer != address),
+                    primary: message.header.scope == AddressScope::Universe && !secondary,
                 })
             })
             .collect())

@@ -10,7 +10,7 @@ use balancer_common::{
 };
 use ipnet::Ipv4Net;
 
-use crate::{config::Config, plan::Observed, routing::Interface};
+use crate::{config::Config, plan::Observed, routing::Interface, uplink::UplinkState};
 
 /// One uplink as the programs see it (the generation is kept by the map, see `Dataplane`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,51 +70,43 @@ pub fn mss_for_mtu(mtu: u32) -> u16 {
     }
 }
 
-/// Works out the data plane's desired state. `unavailable` names the uplinks the routing plan
-/// found unusable (interface down or gone, address missing).
-pub fn desired(
-    config: &Config,
-    observed: &Observed,
-    unavailable: &[(String, String)],
-) -> DataplaneDesired {
+/// Works out the data plane's desired state from the uplinks' states (`uplink::resolve`): every
+/// configured uplink has a slot; one whose interface is absent has no hooks and takes no flows.
+pub fn desired(config: &Config, observed: &Observed, states: &[UplinkState]) -> DataplaneDesired {
     let link = |name: &str| observed.links.iter().find(|l| l.interface.name == name);
     let mut uplinks = Vec::new();
     let mut attachments = Vec::new();
     let mut destinations: Vec<(Ipv4Net, u32)> = Vec::new();
-    for uplink in &config.uplinks {
-        let Some(link) = link(&uplink.interface) else {
-            continue;
-        };
-        let usable = !unavailable.iter().any(|(name, _)| *name == uplink.name);
+    for (uplink, state) in config.uplinks.iter().zip(states) {
         uplinks.push(UplinkSlot {
             id: uplink.id,
-            source: uplink.source,
+            source: state.source.unwrap_or(Ipv4Addr::UNSPECIFIED),
             mark: uplink.mark,
-            ifindex: link.interface.index,
-            enabled: usable && link.carrier && !observed.down.contains(&uplink.id),
-            mss_max: mss_for_mtu(link.mtu),
+            ifindex: state.interface.as_ref().map_or(0, |i| i.index),
+            enabled: state.usable,
+            mss_max: mss_for_mtu(state.mtu),
         });
+        let Some(interface) = &state.interface else {
+            continue;
+        };
         for (program, direction) in [
             (PROGRAM_UPLINK_EGRESS, Direction::Egress),
             (PROGRAM_UPLINK_INGRESS, Direction::Ingress),
         ] {
             attachments.push(Attachment {
                 program,
-                interface: link.interface.clone(),
+                interface: interface.clone(),
                 direction,
             });
         }
-        // A modem's admin page sits in the uplink's own subnet: traffic there must use that uplink.
-        if let Some(address) = observed
-            .addresses
-            .iter()
-            .find(|a| a.ifindex == link.interface.index && a.network.addr() == uplink.source)
+        // A modem's admin page sits in the uplink's own subnet (or is its peer): traffic there
+        // must use that uplink. Two uplinks sharing a subnet cannot both own it; the first does.
+        if let Some(connected) = state.connected
+            && connected.prefix_len() > 0
+            && state.source.is_some()
+            && !destinations.iter().any(|(net, _)| *net == connected)
         {
-            let subnet = address.network.trunc();
-            // Two uplinks sharing a subnet cannot both own it; the first one listed does.
-            if subnet.prefix_len() > 0 && !destinations.iter().any(|(net, _)| *net == subnet) {
-                destinations.push((subnet, uplink.id));
-            }
+            destinations.push((connected, uplink.id));
         }
     }
     for name in &config.lan.interfaces {

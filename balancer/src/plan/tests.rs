@@ -29,14 +29,12 @@ fn link(index: u32, name: &str) -> Link {
         up: true,
         carrier: true,
         mtu: 1500,
+        ethernet: true,
     }
 }
 
 fn address(ifindex: u32, network: &str) -> Address {
-    Address {
-        ifindex,
-        network: network.parse().unwrap(),
-    }
+    Address::new(ifindex, network.parse().unwrap())
 }
 
 /// Two uplinks whose modems share one subnet and one gateway address: the hard case.

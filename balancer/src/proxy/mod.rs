@@ -32,7 +32,8 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     config::{Config, proxy::Proxy as Settings},
-    state::{Status, UplinkStatus},
+    state::Status,
+    uplink::UplinkState,
 };
 
 /// How often the counters are copied into the status document.
@@ -107,11 +108,12 @@ impl Proxy {
         })
     }
 
-    /// Serves clients, and keeps `status.proxy` up to date, until the runtime ends.
-    pub fn spawn(self, status: Arc<Mutex<Status>>) {
+    /// Serves clients, and keeps `status.proxy` up to date, until the runtime ends or the
+    /// returned handle stops it (a reload). Connections already accepted go on either way.
+    pub fn spawn(self, status: Arc<Mutex<Status>>) -> ProxyHandle {
         tracing::info!(listen = %self.shared.settings.listen, policy = ?self.shared.settings.policy, "proxy serving");
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        let publish = tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
             loop {
                 tick.tick().await;
@@ -121,26 +123,43 @@ impl Proxy {
                 }
             }
         });
-        tokio::spawn(listener::serve(self.listener, self.shared));
+        let serve = tokio::spawn(listener::serve(self.listener, self.shared));
+        ProxyHandle {
+            tasks: vec![publish, serve],
+        }
     }
 }
 
-/// The proxy's view of the uplinks after a reconcile: usable when the daemon's last observation
-/// found it available with carrier and the health probes do not judge it down (`down`, which
-/// the daemon leaves empty when every uplink is down, so the office is never cut off).
-pub fn uplinks_from(config: &Config, observed: &[UplinkStatus], down: &[u32]) -> Vec<ProxyUplink> {
+/// A serving proxy's listener and publisher.
+pub struct ProxyHandle {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting and publishing, and waits until the listening socket is closed, so a new
+    /// proxy can bind the same address.
+    pub async fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// The proxy's view of the uplinks after a reconcile, from the one uplink model: usable when
+/// it takes new flows (the daemon ignores health verdicts when every uplink is down, so the
+/// office is never cut off) and has an address to bind to.
+pub fn uplinks_from(config: &Config, states: &[UplinkState]) -> Vec<ProxyUplink> {
     config
         .uplinks
         .iter()
-        .map(|uplink| ProxyUplink {
+        .zip(states)
+        .map(|(uplink, state)| ProxyUplink {
             id: uplink.id,
             name: uplink.name.clone(),
-            source: uplink.source,
+            source: state.source.unwrap_or(Ipv4Addr::UNSPECIFIED),
             weight: uplink.weight,
-            usable: !down.contains(&uplink.id)
-                && observed
-                    .iter()
-                    .any(|s| s.id == uplink.id && s.carrier && s.unavailable.is_none()),
+            usable: state.usable && state.source.is_some(),
             dns: uplink.dns.clone(),
         })
         .collect()
@@ -150,12 +169,11 @@ pub fn uplinks_from(config: &Config, observed: &[UplinkStatus], down: &[u32]) ->
 pub fn feed(
     feed: &Option<watch::Sender<Vec<ProxyUplink>>>,
     config: &Config,
-    observed: &[UplinkStatus],
-    down: &[u32],
+    states: &[UplinkState],
 ) {
     if let Some(feed) = feed {
         feed.send_if_modified(|current| {
-            let next = uplinks_from(config, observed, down);
+            let next = uplinks_from(config, states);
             let changed = *current != next;
             *current = next;
             changed
