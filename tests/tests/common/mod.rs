@@ -103,7 +103,10 @@ pub fn start_daemon(lab: &Lab, config: &str) -> ChildGuard {
         if output.status.success() {
             let status: serde_json::Value =
                 serde_json::from_slice(&output.stdout).expect("status JSON");
-            assert_eq!(status["version"], 2, "status version 2 only adds fields to 1");
+            assert_eq!(
+                status["version"], 2,
+                "status version 2 only adds fields to 1"
+            );
             return daemon;
         }
         if let Some(exit) = daemon.try_wait().expect("polling the daemon") {
