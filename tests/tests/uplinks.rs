@@ -59,6 +59,43 @@ fn wait_for_new_flows_from(lab: &Lab, source: Ipv4Addr, within: Duration) -> Dur
     }
 }
 
+/// The uplink addresses the gateway's NAT maps hold: every flow's translated address (`FLOWS`)
+/// and every reverse entry's (`NAT_REVERSE`), read from the pins like `balancer stats` does.
+fn nat_addresses(lab: &Lab) -> std::collections::BTreeSet<Ipv4Addr> {
+    use std::os::unix::fs::MetadataExt;
+
+    use aya::maps::HashMap;
+    use balancer::dataplane::{address_of, bpffs::PinDir, open_pinned};
+    use balancer_common::{
+        flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
+        maps::{ABI_VERSION, FLOWS, NAT_REVERSE},
+    };
+
+    let inode = std::fs::metadata(format!("/run/netns/{}", lab.gw()))
+        .unwrap()
+        .ino();
+    let pins = PinDir {
+        root: std::path::Path::new(balancer::dataplane::bpffs::BPFFS_ROOT)
+            .join(format!("net-{inode}"))
+            .join(format!("v{ABI_VERSION}")),
+    };
+    let flows: HashMap<_, FlowKey, FlowEntry> =
+        HashMap::try_from(open_pinned(&pins, FLOWS).unwrap()).unwrap();
+    let reverse: HashMap<_, ReverseKey, ReverseEntry> =
+        HashMap::try_from(open_pinned(&pins, NAT_REVERSE).unwrap()).unwrap();
+    flows
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, entry)| address_of(entry.uplink_addr))
+        .chain(
+            reverse
+                .keys()
+                .filter_map(Result::ok)
+                .map(|key| address_of(key.uplink_addr)),
+        )
+        .collect()
+}
+
 /// The gateway's rules and routes, as `ip` prints them.
 fn routing_text(lab: &Lab) -> String {
     let rules = lab.exec_ok(&lab.gw(), &["ip", "rule", "show"]).unwrap();
@@ -180,6 +217,11 @@ fn an_uplink_named_by_interface_only_learns_its_address_and_follows_a_renumberin
     );
     let row = status(&lab)["uplinks"][0].clone();
     assert_eq!(row["source"], new.to_string(), "{row:#}");
+    let in_maps = nat_addresses(&lab);
+    assert!(
+        !in_maps.contains(&old) && in_maps.contains(&new),
+        "nothing of {old} may stay in the NAT maps: {in_maps:?}"
+    );
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
     assert!(
@@ -259,12 +301,28 @@ fn an_absent_uplink_joins_and_a_deleted_one_leaves_the_rotation_at_once() {
         appeared.elapsed()
     );
 
-    // Deleted: new connections must not notice it from 200 ms on.
-    ip(&lab, &lab.gw(), &["link del wan3".into()]);
-    thread::sleep(Duration::from_millis(200));
-    let many = lab
-        .tcp_many(&lab.client(1), 30, None, Duration::from_secs(1))
-        .unwrap();
+    // Deleted mid-transfer: new connections must not notice it from 200 ms on, and the
+    // transfers it carried are reset at their clients (none hangs until its own timeout).
+    let (transfers, deleted_at, many) = thread::scope(|s| {
+        let transfers: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| {
+                    let result = lab.download(&lab.client(2), None, 8.0);
+                    (result.is_ok(), Instant::now())
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(800));
+        ip(&lab, &lab.gw(), &["link del wan3".into()]);
+        let deleted_at = Instant::now();
+        thread::sleep(Duration::from_millis(200));
+        let many = lab
+            .tcp_many(&lab.client(1), 30, None, Duration::from_secs(1))
+            .unwrap();
+        let transfers: Vec<(bool, Instant)> =
+            transfers.into_iter().map(|t| t.join().unwrap()).collect();
+        (transfers, deleted_at, many)
+    });
     assert_eq!(
         (many.succeeded, many.failed),
         (30, 0),
@@ -274,6 +332,20 @@ fn an_absent_uplink_joins_and_a_deleted_one_leaves_the_rotation_at_once() {
     assert!(
         !many.sources.contains_key(&lab.uplink_source(3)),
         "{many:?}"
+    );
+    let reset: Vec<Duration> = transfers
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, ended)| ended.saturating_duration_since(deleted_at))
+        .collect();
+    eprintln!("transfers ended by the deletion, after: {reset:?}");
+    assert!(
+        !reset.is_empty(),
+        "some of 6 transfers ran on the deleted uplink"
+    );
+    assert!(
+        reset.iter().all(|after| *after < Duration::from_secs(3)),
+        "a transfer on the deleted uplink must be reset, not hang: {reset:?}"
     );
 
     // A black hole on isp2 afterwards: the probes still take it out within a second.

@@ -458,3 +458,39 @@ fn the_gateways_own_traffic_avoids_an_uplink_the_probes_judge_down() {
         "its own table stays for bound sockets and probes"
     );
 }
+
+#[test]
+fn every_operation_of_an_uplink_is_attributed_to_it_and_the_shared_ones_to_none() {
+    let config = Config::parse(CONFIG).unwrap();
+    let observed = observed();
+    let operations = plan(&config, &observed, Strictness::Strict).unwrap();
+    let of = |id: Option<u32>| -> Vec<String> {
+        operations
+            .iter()
+            .filter(|op| owner(op, &config) == id)
+            .map(|op| op.to_string())
+            .collect()
+    };
+    let shared = of(None);
+    assert!(
+        shared.iter().all(|op| op.contains("ip_forward")
+            || op.contains("priority 10000")
+            || op.contains("priority 109")),
+        "{shared:#?}"
+    );
+    let second = of(Some(2));
+    assert!(
+        second
+            .iter()
+            .all(|op| op.contains("wan2") || op.contains("2002")),
+        "{second:#?}"
+    );
+    assert!(
+        second.iter().any(|op| op.contains("priority 10302")),
+        "{second:#?}"
+    );
+    assert_eq!(
+        shared.len() + of(Some(1)).len() + second.len(),
+        operations.len()
+    );
+}
