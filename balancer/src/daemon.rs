@@ -236,7 +236,9 @@ impl Daemon {
                 .uplinks
                 .iter()
                 .zip(states)
-                .map(|(uplink, state)| (uplink.clone(), state.source.filter(|_| state.routable)))
+                // Probes go on while the address exists (a link that is down fails them,
+                // so it rejoins only after `up_after` good rounds); without one they stop.
+                .map(|(uplink, state)| (uplink.clone(), state.source))
                 .collect();
             monitor.follow(&probed, &self.config.health);
         }

@@ -96,6 +96,23 @@ fn nat_addresses(lab: &Lab) -> std::collections::BTreeSet<Ipv4Addr> {
         .collect()
 }
 
+/// Nothing of `old` may be left in the gateway's rules, routes or NAT maps.
+fn assert_gone(lab: &Lab, old: Ipv4Addr) {
+    let routing = routing_text(lab);
+    let (exact, host) = (old.to_string(), format!("{old}/32"));
+    assert!(
+        !routing
+            .split_whitespace()
+            .any(|word| word == exact || word == host),
+        "nothing of {old} may stay in rules or routes:\n{routing}"
+    );
+    let in_maps = nat_addresses(lab);
+    assert!(
+        !in_maps.contains(&old),
+        "nothing of {old} may stay in the NAT maps: {in_maps:?}"
+    );
+}
+
 /// The gateway's rules and routes, as `ip` prints them.
 fn routing_text(lab: &Lab) -> String {
     let rules = lab.exec_ok(&lab.gw(), &["ip", "rule", "show"]).unwrap();
@@ -207,20 +224,12 @@ fn an_uplink_named_by_interface_only_learns_its_address_and_follows_a_renumberin
         "{many:?}"
     );
     assert_leaves_by(&lab, None, 1, new);
-    let routing = routing_text(&lab);
-    let (exact, host) = (old.to_string(), format!("{old}/32"));
-    assert!(
-        !routing
-            .split_whitespace()
-            .any(|word| word == exact || word == host),
-        "nothing of {old} may stay in rules or routes:\n{routing}"
-    );
+    assert_gone(&lab, old);
     let row = status(&lab)["uplinks"][0].clone();
     assert_eq!(row["source"], new.to_string(), "{row:#}");
-    let in_maps = nat_addresses(&lab);
     assert!(
-        !in_maps.contains(&old) && in_maps.contains(&new),
-        "nothing of {old} may stay in the NAT maps: {in_maps:?}"
+        nat_addresses(&lab).contains(&new),
+        "the new flows are in the maps"
     );
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
@@ -366,6 +375,44 @@ fn an_absent_uplink_joins_and_a_deleted_one_leaves_the_rotation_at_once() {
         holed.elapsed(),
         daemon.log()
     );
+    // Back with another address (a new session): new flows use it within 2 s, and nothing of
+    // the old address is left in rules, routes or the NAT maps.
+    let (old, new) = (lab.uplink_source(3), Ipv4Addr::new(198, 18, 3, 7));
+    ip(
+        &lab,
+        &lab.isp(3),
+        &[format!(
+            "rule add iif down0 from {new}/32 lookup main prio 99"
+        )],
+    );
+    ip(
+        &lab,
+        &lab.inet(),
+        &[format!("route add {new}/32 via 198.19.3.2 dev isp3")],
+    );
+    ip(
+        &lab,
+        &lab.gw(),
+        &[
+            format!(
+                "link add wan3 type veth peer name down0 netns {}",
+                lab.isp(3)
+            ),
+            format!("addr add {new}/24 dev wan3"),
+            "link set wan3 up".into(),
+        ],
+    );
+    ip(
+        &lab,
+        &lab.isp(3),
+        &[
+            "addr add 198.18.3.1/24 dev down0".into(),
+            "link set down0 up".into(),
+        ],
+    );
+    let took = wait_for_new_flows_from(&lab, new, Duration::from_secs(2));
+    eprintln!("back with {new}: new flows {took:?} after it appeared");
+    assert_gone(&lab, old);
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
     assert!(
@@ -548,4 +595,92 @@ fn wait_for_dataplane_rows(lab: &Lab, rows: usize) {
         );
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `curl` through the proxy at `proxy` from client 1: "<HTTP status> <bytes>".
+fn curl_through(lab: &Lab, proxy: &str, path: &str, limit: Option<&str>) -> String {
+    let url = format!("http://198.18.9.1:8080{path}");
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "8",
+        "--proxy",
+        proxy,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+    ];
+    if let Some(rate) = limit {
+        argv.extend(["--limit-rate", rate]);
+    }
+    argv.push(&url);
+    let output = lab.exec(&lab.client(1), &argv).unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr).trim()
+    )
+}
+
+/// SIGHUP with a changed `[proxy]` section binds the proxy anew (here: another port) in the
+/// same process; a proxied download accepted before goes on to its end.
+#[test]
+fn sighup_applies_a_changed_proxy_section_and_keeps_accepted_connections() {
+    let mut spec = LabSpec::new(&prefix("upd"), 2);
+    spec.rates_mbit = Vec::new();
+    let lab = Lab::up(spec).unwrap();
+    let with_proxy = |port: u16| {
+        format!(
+            "{}\n[proxy]\nlisten = \"198.18.0.1:{port}\"\n",
+            weighted_config(&lab, &[(1, 1), (2, 1)])
+        )
+    };
+    let path = write_config(&lab, "balancer.toml", &with_proxy(3128));
+    let mut daemon = start_daemon(&lab, &path);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !status(&lab)["proxy"].is_object() {
+        assert!(Instant::now() < deadline, "the proxy never served");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        curl_through(&lab, "http://198.18.0.1:3128", "/bytes/1000", None),
+        "200 1000"
+    );
+    let pid = status(&lab)["pid"].clone();
+    let (long, reloaded) = thread::scope(|s| {
+        // About 2 s at 5 MB/s: accepted before the reload, it must end complete.
+        let long = s.spawn(|| {
+            curl_through(
+                &lab,
+                "http://198.18.0.1:3128",
+                "/bytes/10000000",
+                Some("5M"),
+            )
+        });
+        thread::sleep(Duration::from_millis(500));
+        let reloaded = reload(&lab, &daemon, &path, &with_proxy(3129));
+        (long.join().unwrap(), reloaded)
+    });
+    assert_eq!(reloaded["ok"], true, "{reloaded:#}\n{}", daemon.log());
+    assert_eq!(long, "200 10000000", "the accepted download goes on");
+    assert_eq!(
+        curl_through(&lab, "http://198.18.0.1:3129", "/bytes/1000", None),
+        "200 1000",
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        !curl_through(&lab, "http://198.18.0.1:3128", "/bytes/1000", None).starts_with("200"),
+        "the old listener is closed"
+    );
+    assert_eq!(status(&lab)["pid"], pid, "the same process");
+    daemon.terminate(Duration::from_secs(5)).unwrap();
+    let down = balancer(&lab, &["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
 }
