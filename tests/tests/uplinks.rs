@@ -684,3 +684,71 @@ fn sighup_applies_a_changed_proxy_section_and_keeps_accepted_connections() {
         String::from_utf8_lossy(&down.stderr)
     );
 }
+
+/// A point-to-point address (`ip addr add A/32 peer B`, what pppd sets), configured by
+/// interface name only: the peer is the gateway, the peer's /32 the connected route, and
+/// transparent and the gateway's own traffic leave with the right source.
+#[test]
+fn a_point_to_point_uplink_named_by_interface_only_uses_its_peer() {
+    let mut spec = LabSpec::new(&prefix("upe"), 2);
+    spec.rates_mbit = Vec::new();
+    let lab = Lab::up(spec).unwrap();
+    let (source, peer) = (lab.uplink_source(2), lab.uplink_gateway(2));
+    ip(
+        &lab,
+        &lab.gw(),
+        &[
+            "addr flush dev wan2".into(),
+            format!("addr add {source}/32 peer {peer}/32 dev wan2"),
+        ],
+    );
+    ip(
+        &lab,
+        &lab.isp(2),
+        &[
+            "addr flush dev down0".into(),
+            format!("addr add {peer}/32 peer {source}/32 dev down0"),
+        ],
+    );
+    let config = write_config(
+        &lab,
+        "balancer.toml",
+        &format!(
+            "{LAN}\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"{}\"\n\n[[uplink]]\nname = \"dsl\"\ninterface = \"wan2\"\n",
+            lab.uplink_gateway(1)
+        ),
+    );
+    let check = balancer(&lab, &["check", "-c", &config]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut daemon = start_daemon(&lab, &config);
+    wait_for_dataplane(&lab);
+    let row = status(&lab)["uplinks"][1].clone();
+    assert_eq!(row["source"], source.to_string(), "{row:#}");
+    assert_eq!(row["gateway"], peer.to_string(), "{row:#}");
+    let table = lab
+        .exec_ok(&lab.gw(), &["ip", "route", "show", "table", "2002"])
+        .unwrap();
+    for expected in [
+        format!("default via {peer} dev wan2 proto 77 src {source}"),
+        format!("{peer} dev wan2 proto 77 scope link src {source}"),
+    ] {
+        assert!(table.contains(&expected), "{expected}:\n{table}");
+    }
+    assert_leaves_by(&lab, Some(source), 2, source);
+    let many = lab
+        .tcp_many(&lab.client(1), 20, None, Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(many.failed, 0, "{many:?}\n{}", daemon.log());
+    assert!(many.sources.contains_key(&source), "{many:?}");
+    daemon.terminate(Duration::from_secs(5)).unwrap();
+    let down = balancer(&lab, &["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+}
