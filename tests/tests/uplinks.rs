@@ -532,6 +532,26 @@ fn sighup_reloads_weights_and_uplinks_and_refuses_a_bad_config() {
         "{many:?}"
     );
 
+    // Track targets added by a reload: the uplink is probed from then on.
+    let tracked = weighted_config(&lab, &[(1, 1), (3, 1)]).replace(
+        "name = \"isp1\"\n",
+        "name = \"isp1\"\ntrack = [\"198.18.9.1\"]\n",
+    );
+    let reloaded = reload(&lab, &daemon, &path, &tracked);
+    assert_eq!(reloaded["ok"], true, "{reloaded:#}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health = status(&lab)["uplinks"][0]["health"].clone();
+        if health["tracked"] == true && health["state"] == "up" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "isp1 never probed up: {health:#}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
     // A bad config is refused with check's message; the running one stays.
     let bad = weighted_config(&lab, &[(1, 1), (3, 1)]).replace("weight = 1", "weight = 0");
     let refused = reload(&lab, &daemon, &path, &bad);

@@ -105,15 +105,23 @@ impl Monitor {
         if let Ok(mut figures) = self.figures.lock() {
             figures.retain(|id, _| wanted.contains_key(id));
             for (id, (uplink, probed)) in &wanted {
+                let tracked = !uplink.track.is_empty();
                 let entry = figures
                     .entry(*id)
-                    .or_insert_with(|| initial_figures(!uplink.track.is_empty()));
-                if probed.is_none() && !uplink.track.is_empty() {
-                    *entry = initial_figures(true);
-                    entry.reason = Some("no address to probe from yet".into());
-                }
-                if !tasks.contains_key(id) && probed.is_some() {
-                    *entry = initial_figures(true);
+                    .or_insert_with(|| initial_figures(tracked));
+                // Starting over: a new probing task, no address to probe from, or targets
+                // removed. A passive verdict is the daemon's and stays.
+                let fresh = match probed {
+                    Some(_) => !tasks.contains_key(id),
+                    None => tracked || entry.tracked,
+                };
+                if fresh {
+                    let passive = entry.passive.take();
+                    *entry = initial_figures(tracked);
+                    entry.passive = passive;
+                    if probed.is_none() && tracked {
+                        entry.reason = Some("no address to probe from yet".into());
+                    }
                 }
             }
         }
