@@ -127,6 +127,41 @@ fn an_uplink_named_by_interface_only_learns_its_address_and_follows_a_renumberin
         nat_addresses(&lab).contains(&new),
         "the new flows are in the maps"
     );
+
+    // The gateway is followed too: the DHCP client's default route moves to another router.
+    ip(
+        &lab,
+        &lab.isp(1),
+        &["addr add 198.18.1.254/24 dev down0".into()],
+    );
+    ip(
+        &lab,
+        &lab.gw(),
+        &["route replace default via 198.18.1.254 dev wan1 metric 1024".into()],
+    );
+    let moved = Instant::now();
+    loop {
+        let table = lab
+            .exec_ok(&lab.gw(), &["ip", "route", "show", "table", "2001"])
+            .unwrap();
+        if table.contains("default via 198.18.1.254 dev wan1") {
+            break;
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(2),
+            "the uplink's table must follow the new gateway:\n{table}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&lab)["uplinks"][0]["gateway"], "198.18.1.254");
+    let many = lab
+        .tcp_many(&lab.client(1), 10, None, Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(
+        many.sources.keys().copied().collect::<Vec<_>>(),
+        [new],
+        "{many:?}"
+    );
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
     assert!(
@@ -197,6 +232,12 @@ fn an_absent_uplink_joins_and_a_deleted_one_leaves_the_rotation_at_once() {
     let mut daemon: ChildGuard = start_daemon(&lab, &config);
     let row = status(&lab)["uplinks"][2].clone();
     assert_eq!(row["stages"]["present"]["ok"], false, "{row:#}");
+    let text = balancer(&lab, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("present: there is no interface wan3 (hotplug: it joins when it appears)"),
+        "`status` shows the stage the uplink waits at:\n{text}"
+    );
 
     let appeared = Instant::now();
     create_wan3(&lab);
