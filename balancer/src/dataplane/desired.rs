@@ -83,7 +83,10 @@ pub fn desired(config: &Config, observed: &Observed, states: &[UplinkState]) -> 
             source: state.source.unwrap_or(Ipv4Addr::UNSPECIFIED),
             mark: uplink.mark,
             ifindex: state.interface.as_ref().map_or(0, |i| i.index),
-            enabled: state.usable,
+            // The programs parse an Ethernet header: until they handle links without one
+            // (PPP, raw-IP, TUN), such an uplink takes no transparent flows, which it would
+            // send out untranslated. The proxy and the gateway's own traffic still use it.
+            enabled: state.usable && state.ethernet,
             mss_max: mss_for_mtu(state.mtu),
         });
         let Some(interface) = &state.interface else {
@@ -187,6 +190,50 @@ mod tests {
         assert_eq!(mss_for_mtu(0), 0, "unknown MTU: no clamping");
         assert_eq!(mss_for_mtu(65_536), 65_496);
         assert_eq!(mss_for_mtu(1_000_000), u16::MAX);
+    }
+
+    #[test]
+    fn an_uplink_without_an_ethernet_header_takes_no_transparent_flows_yet() {
+        use crate::netlink::{Address, Link};
+        let config = Config::parse(
+            "[lan]\ninterfaces = [\"lan0\"]\nnetworks = [\"198.18.0.0/24\"]\n\
+             [[uplink]]\nname = \"cable\"\ninterface = \"wan1\"\ngateway = \"198.18.1.1\"\n\
+             [[uplink]]\nname = \"lte\"\ninterface = \"wwan0\"\nhotplug = true\n",
+        )
+        .unwrap();
+        let link = |index, name: &str, ethernet| Link {
+            interface: Interface {
+                index,
+                name: name.into(),
+            },
+            up: true,
+            carrier: true,
+            mtu: 1500,
+            ethernet,
+        };
+        let observed = Observed {
+            links: vec![
+                link(2, "lan0", true),
+                link(3, "wan1", true),
+                link(4, "wwan0", false),
+            ],
+            addresses: vec![
+                Address::new(3, "198.18.1.2/24".parse().unwrap()),
+                Address::new(4, "198.19.24.7/32".parse().unwrap()),
+            ],
+            ..Observed::default()
+        };
+        let states = crate::uplink::resolve(&config, &observed, &[]);
+        assert!(states.iter().all(|s| s.usable), "{states:#?}");
+        let wanted = desired(&config, &observed, &states);
+        let enabled: Vec<(u32, bool)> = wanted.uplinks.iter().map(|s| (s.id, s.enabled)).collect();
+        assert_eq!(enabled, [(1, true), (2, false)]);
+        assert_eq!(wanted.schedule, [1]);
+        assert_eq!(
+            wanted.attachments.len(),
+            5,
+            "both uplinks and the LAN are hooked"
+        );
     }
 
     #[test]
