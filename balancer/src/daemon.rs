@@ -324,6 +324,11 @@ async fn serve(
     state_dir: &StateDir,
     teardown_on_exit: bool,
 ) -> Result<(), DaemonError> {
+    // First, so a SIGHUP during the start (a reload sent too early) is kept for the loop
+    // instead of ending the daemon, which is SIGHUP's default action.
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     // Subscribe before the first apply so no change between apply and subscription is missed.
     let (connection, _, mut changes) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
@@ -389,9 +394,6 @@ async fn serve(
         health: None,
         passive: Default::default(),
     };
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     // The first apply is all or nothing for what no uplink owns: a failure rolls back and the
     // daemon exits non-zero. Each uplink's own part is best effort, as in every later pass.
