@@ -171,24 +171,26 @@ fn an_uplink_named_by_interface_only_learns_its_address_and_follows_a_renumberin
     );
 }
 
-fn create_wan3(lab: &Lab) {
+/// Creates uplink `i`'s interface again (a veth to its ISP), with the gateway's address
+/// `source`, as a modem's session coming up does.
+fn create_wan(lab: &Lab, i: usize, source: Ipv4Addr) {
     ip(
         lab,
         &lab.gw(),
         &[
             format!(
-                "link add wan3 type veth peer name down0 netns {}",
-                lab.isp(3)
+                "link add wan{i} type veth peer name down0 netns {}",
+                lab.isp(i)
             ),
-            "addr add 198.18.3.2/24 dev wan3".into(),
-            "link set wan3 up".into(),
+            format!("addr add {source}/24 dev wan{i}"),
+            format!("link set wan{i} up"),
         ],
     );
     ip(
         lab,
-        &lab.isp(3),
+        &lab.isp(i),
         &[
-            "addr add 198.18.3.1/24 dev down0".into(),
+            format!("addr add {}/24 dev down0", lab.uplink_gateway(i)),
             "link set down0 up".into(),
         ],
     );
@@ -240,7 +242,7 @@ fn an_absent_uplink_joins_and_a_deleted_one_leaves_the_rotation_at_once() {
     );
 
     let appeared = Instant::now();
-    create_wan3(&lab);
+    create_wan(&lab, 3, lab.uplink_source(3));
     let took = wait_for_new_flows_from(&lab, lab.uplink_source(3), Duration::from_secs(2));
     eprintln!(
         "the new uplink carried new flows {took:?} after it appeared ({:?})",
@@ -327,26 +329,7 @@ fn an_absent_uplink_joins_and_a_deleted_one_leaves_the_rotation_at_once() {
         &lab.inet(),
         &[format!("route add {new}/32 via 198.19.3.2 dev isp3")],
     );
-    ip(
-        &lab,
-        &lab.gw(),
-        &[
-            format!(
-                "link add wan3 type veth peer name down0 netns {}",
-                lab.isp(3)
-            ),
-            format!("addr add {new}/24 dev wan3"),
-            "link set wan3 up".into(),
-        ],
-    );
-    ip(
-        &lab,
-        &lab.isp(3),
-        &[
-            "addr add 198.18.3.1/24 dev down0".into(),
-            "link set down0 up".into(),
-        ],
-    );
+    create_wan(&lab, 3, new);
     let took = wait_for_new_flows_from(&lab, new, Duration::from_secs(2));
     eprintln!("back with {new}: new flows {took:?} after it appeared");
     assert_gone(&lab, old);
@@ -418,6 +401,41 @@ fn a_point_to_point_uplink_named_by_interface_only_uses_its_peer() {
         .unwrap();
     assert_eq!(many.failed, 0, "{many:?}\n{}", daemon.log());
     assert!(many.sources.contains_key(&source), "{many:?}");
+    daemon.terminate(Duration::from_secs(5)).unwrap();
+    let down = balancer(&lab, &["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+}
+
+/// `run` starts with none of its uplinks present (a gateway that boots before its modems), and
+/// the uplink joins when its interface comes.
+#[test]
+fn run_starts_with_no_uplink_present_and_the_uplink_joins_when_it_comes() {
+    let mut spec = LabSpec::new(&prefix("upf"), 1);
+    spec.rates_mbit = Vec::new();
+    let lab = Lab::up(spec).unwrap();
+    ip(&lab, &lab.gw(), &["link del wan1".into()]);
+    let config = write_config(
+        &lab,
+        "balancer.toml",
+        &format!(
+            "{LAN}\n[[uplink]]\nname = \"modem\"\ninterface = \"wan1\"\ngateway = \"{}\"\nhotplug = true\n",
+            lab.uplink_gateway(1)
+        ),
+    );
+    let mut daemon = start_daemon(&lab, &config);
+    assert!(
+        lab.tcp_whoami(&lab.client(1), None, Duration::from_millis(500))
+            .is_err(),
+        "nothing to carry the traffic yet"
+    );
+    create_wan(&lab, 1, lab.uplink_source(1));
+    let took = wait_for_new_flows_from(&lab, lab.uplink_source(1), Duration::from_secs(2));
+    eprintln!("the only uplink carried new flows {took:?} after it appeared");
+    assert_leaves_by(&lab, None, 1, lab.uplink_source(1));
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
     assert!(
