@@ -133,18 +133,31 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     warn_about_source_nat(&config);
-    for uplink in &config.uplinks {
+    let states = crate::uplink::resolve(&config, &observed, &[]);
+    for (uplink, state) in config.uplinks.iter().zip(&states) {
+        let source = state.source.map_or("?".into(), |a| a.to_string());
+        let via = match (state.gateway, state.routable || state.source.is_some()) {
+            (Some(gateway), _) => format!("via {gateway}"),
+            (None, true) => format!("dev {}", uplink.interface),
+            (None, false) => "via ?".into(),
+        };
         println!(
-            "  {:<12} id {:<3} {} src {} via {}  weight {}  table {}  mark {:#x}",
+            "  {:<12} id {:<3} {} src {} {}  weight {}  table {}  mark {:#x}",
             uplink.name,
             uplink.id,
             uplink.interface,
-            uplink.source,
-            uplink.gateway,
+            source,
+            via,
             uplink.weight,
             uplink.table,
             uplink.mark
         );
+        // Not an error: a hotplug interface or a learned address may come later.
+        if !state.routable
+            && let Some(reason) = state.unavailable()
+        {
+            println!("  {:<12} waiting: {reason}", "");
+        }
     }
     Ok(())
 }
@@ -269,6 +282,29 @@ fn status(state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
                 .and_then(|h| h.rtt_ms)
                 .map_or("-".to_string(), |rtt| format!("{rtt:.1}")),
             why
+        );
+    }
+    println!("stages:");
+    for uplink in &status.uplinks {
+        let stages: Vec<String> = uplink
+            .stages
+            .list()
+            .iter()
+            .map(|(name, stage)| format!("{name} {}", if stage.ok { "ok" } else { "no" }))
+            .collect();
+        println!("  {:<12} {}", uplink.name, stages.join(", "));
+        if let Some((name, stage)) = uplink.stages.list().into_iter().find(|(_, s)| !s.ok) {
+            println!("  {:<12} {name}: {}", "", stage.reason);
+        }
+        for error in &uplink.errors {
+            println!("  {:<12} error: {error}", "");
+        }
+    }
+    if let Some(reload) = &status.last_reload {
+        println!(
+            "last reload: {} {}",
+            if reload.ok { "ok" } else { "refused" },
+            reload.message
         );
     }
     if let Some(proxy) = &status.proxy {

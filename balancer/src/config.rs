@@ -53,14 +53,18 @@ pub struct Lan {
 }
 
 /// One internet line: the interface it leaves by, its modem or ISP router, and the address the
-/// ISP accepts from us.
+/// ISP accepts from us. `gateway` and `source` left out are learned from the kernel at run time
+/// (see `uplink`), as a DHCP client, PPP or an LTE modem sets them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Uplink {
     pub id: u32,
     pub name: String,
     pub interface: String,
-    pub gateway: Ipv4Addr,
-    pub source: Ipv4Addr,
+    pub gateway: Option<Ipv4Addr>,
+    pub source: Option<Ipv4Addr>,
+    /// The interface may be absent (PPP, LTE, USB modems): `check` and `run` accept that and the
+    /// uplink joins when it appears. Without it an unknown interface is an error (a typo).
+    pub hotplug: bool,
     pub weight: u32,
     pub table: u32,
     pub mark: u32,

@@ -2,8 +2,13 @@
 //!
 //! On start it adopts whatever an earlier daemon left (the plan is a diff, so nothing is added
 //! twice and nothing is removed first). It re-plans when the kernel reports a change to links,
-//! addresses, routes or rules, and every 30 seconds. On SIGTERM or SIGINT it leaves everything
-//! in place so a restart or upgrade never cuts the office off, unless told to tear down on exit.
+//! addresses, routes or rules, and every 30 seconds; each pass applies per uplink, best effort,
+//! and updates the data plane. SIGHUP re-reads the config (`reload`). On SIGTERM or SIGINT it
+//! leaves everything in place so a restart or upgrade never cuts the office off, unless told
+//! to tear down on exit.
+
+mod reload;
+mod status_socket;
 
 use std::{
     path::PathBuf,
@@ -14,7 +19,6 @@ use std::{
 use futures::StreamExt;
 use rtnetlink::MulticastGroup;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
     signal::unix::{SignalKind, signal},
 };
@@ -24,13 +28,14 @@ use crate::{
     dataplane::{self, Dataplane, DataplaneError, bpffs::PinDir},
     health,
     netlink::{Netlink, NetlinkError},
-    plan::{self, Strictness},
+    plan::{self, Operation, Strictness},
     reconcile::{self, ApplyError, OperationError},
     state::{STATUS_VERSION, StateDir, StateError, Status, UplinkStatus},
     stats::UplinkName,
     sysctl::{SysctlBackup, SysctlError},
     systemd,
     teardown::{self, TeardownError},
+    uplink::UplinkState,
 };
 
 const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
@@ -87,8 +92,11 @@ pub struct RunOptions {
 struct Daemon {
     /// Feeds the forward proxy the uplinks' usability after each reconcile.
     proxy_feed: Option<crate::proxy::Feed>,
+    /// The serving proxy, stopped and bound anew when a reload changes it.
+    proxy: Option<crate::proxy::ProxyHandle>,
     config: Config,
     config_path: String,
+    state_dir: StateDir,
     netlink: Netlink,
     backup: SysctlBackup,
     status: Arc<Mutex<Status>>,
@@ -101,108 +109,158 @@ struct Daemon {
     traffic: health::liveness::TrafficWatch,
 }
 
+/// What one reconcile pass could not do, per uplink (None: what no uplink owns).
+type Failures = Vec<(Option<u32>, String)>;
+
 impl Daemon {
+    /// Uplinks judged down by the probes or by passive detection; none when that would be every
+    /// configured uplink (then those with carrier keep working rather than cut the office off).
+    fn judged_down(&self) -> Vec<u32> {
+        let Some(monitor) = &self.health else {
+            return Vec::new();
+        };
+        let mut down = monitor.down();
+        for id in self.passive.condemned() {
+            if !down.contains(id) {
+                down.push(*id);
+            }
+        }
+        if down.len() < self.config.uplinks.len() {
+            down
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// One pass: observe, plan, apply per uplink (best effort), and update the data plane,
+    /// every time. At start (`Strict`) what no uplink owns is all or nothing, as is the data
+    /// plane. Returns how many operations it applied.
     async fn reconcile(&mut self, strictness: Strictness) -> Result<usize, DaemonError> {
         let mut observed = reconcile::observe(&self.netlink, &self.config)
             .await
             .map_err(DaemonError::Observe)?;
-        if let Some(monitor) = &self.health {
-            let mut down = monitor.down();
-            down.extend(
-                self.passive
-                    .condemned()
-                    .iter()
-                    .filter(|id| !down.contains(id))
-                    .copied()
-                    .collect::<Vec<_>>(),
-            );
-            // Every uplink down: keep using those with carrier rather than cut the office off.
-            if down.len() < self.config.uplinks.len() {
-                observed.down = down;
+        observed.down = self.judged_down();
+        let desired = plan::desired(&self.config, &observed, strictness).map_err(|error| {
+            DaemonError::Config {
+                path: self.config_path.clone(),
+                error,
             }
-        }
-        // Status reflects what was observed even when applying fails below.
-        // The tolerant plan feeds the status (even when applying fails below); it is also the
-        // plan to apply except at start, when the strict one must pass first.
-        let tolerant = plan::desired(&self.config, &observed, Strictness::Tolerant);
-        let unavailable = tolerant
-            .as_ref()
-            .map(|d| d.unavailable.clone())
-            .unwrap_or_default();
-        let uplinks = self.uplink_status(&observed, &unavailable);
-        let refused = crate::proxy::refused_networks(&self.config, &observed);
-        crate::proxy::feed(
-            &self.proxy_feed,
-            &self.config,
-            &uplinks,
-            &observed.down,
-            refused,
-        );
-        if let Ok(mut status) = self.status.lock() {
-            status.uplinks = uplinks;
-        }
-        let desired = match strictness {
-            Strictness::Tolerant => tolerant,
-            Strictness::Strict => plan::desired(&self.config, &observed, strictness),
-        }
-        .map_err(|error| DaemonError::Config {
-            path: self.config_path.clone(),
-            error,
         })?;
         let operations = plan::diff(&desired, &observed);
-        reconcile::apply(&self.netlink, &mut self.backup, &operations)
+        let mut failures: Failures = Vec::new();
+        let (unowned, owned): (Vec<Operation>, Vec<Operation>) = match strictness {
+            Strictness::Strict => operations
+                .iter()
+                .cloned()
+                .partition(|op| plan::owner(op, &self.config).is_none()),
+            Strictness::Tolerant => (Vec::new(), operations.clone()),
+        };
+        reconcile::apply(&self.netlink, &mut self.backup, &unowned)
             .await
             .map_err(DaemonError::Apply)?;
+        let mut applied = unowned;
+        let mut refused = Vec::new();
+        for (operation, error) in
+            reconcile::apply_best_effort(&self.netlink, &mut self.backup, &owned).await
+        {
+            let shown = format!("`{operation}` failed: {}", error_chain(&error));
+            tracing::warn!(error = %shown, "an uplink's change was refused; retried next pass");
+            failures.push((plan::owner(&operation, &self.config), shown));
+            refused.push(operation);
+        }
+        applied.extend(owned.into_iter().filter(|op| !refused.contains(op)));
         if let Some(dataplane) = &mut self.dataplane {
-            let wanted = dataplane::desired::desired(&self.config, &observed, &desired.unavailable);
+            let wanted = dataplane::desired::desired(&self.config, &observed, &desired.uplinks);
             if let Err(error) = dataplane.apply(&wanted) {
-                // At start, all or nothing: take back the routing this attempt installed.
                 if strictness == Strictness::Strict {
-                    let failures =
-                        reconcile::undo(&self.netlink, &mut self.backup, &operations).await;
-                    for failure in failures {
+                    // At start, all or nothing: take back the routing this attempt installed.
+                    for failure in reconcile::undo(&self.netlink, &mut self.backup, &applied).await
+                    {
                         tracing::error!(%failure, "could not undo");
                     }
+                    return Err(DaemonError::Dataplane(error));
                 }
-                return Err(DaemonError::Dataplane(error));
+                failures.push((None, format!("the data plane: {}", error_chain(&error))));
             }
         }
+        let refused = crate::proxy::refused_networks(&self.config, &observed);
+        self.publish(&desired.uplinks, &failures, refused);
         if let Ok(mut status) = self.status.lock() {
-            status.reconciles += 1;
-            status.last_reconcile_unix = now_unix();
-            status.last_error = None;
+            if failures.is_empty() {
+                status.reconciles += 1;
+                status.last_reconcile_unix = now_unix();
+                status.last_error = None;
+            } else {
+                let shown: Vec<String> = failures.iter().map(|(_, f)| f.clone()).collect();
+                status.last_error = Some(shown.join("; "));
+            }
         }
-        Ok(operations.len())
+        Ok(operations.len() - failures.len().min(operations.len()))
     }
 
-    fn uplink_status(
-        &self,
-        observed: &plan::Observed,
-        unavailable: &[(String, String)],
-    ) -> Vec<UplinkStatus> {
-        self.config
+    /// Shares the uplinks' state with `status`, the proxy and the health probes.
+    fn publish(
+        &mut self,
+        states: &[UplinkState],
+        failures: &Failures,
+        proxy_refused: Vec<ipnet::Ipv4Net>,
+    ) {
+        let uplinks = self
+            .config
             .uplinks
             .iter()
-            .map(|uplink| UplinkStatus {
+            .zip(states)
+            .map(|(uplink, state)| UplinkStatus {
                 id: uplink.id,
                 name: uplink.name.clone(),
                 interface: uplink.interface.clone(),
-                source: uplink.source.to_string(),
-                gateway: uplink.gateway.to_string(),
+                source: state.source.map_or("-".into(), |a| a.to_string()),
+                gateway: match (state.gateway, &state.interface) {
+                    (Some(gateway), _) => gateway.to_string(),
+                    (None, Some(_)) if state.source.is_some() => "dev".into(),
+                    _ => "-".into(),
+                },
                 weight: uplink.weight,
                 table: uplink.table,
                 mark: format!("{:#x}", uplink.mark),
-                carrier: observed
-                    .links
-                    .iter()
-                    .any(|l| l.interface.name == uplink.interface && l.carrier),
-                unavailable: unavailable
-                    .iter()
-                    .find(|(name, _)| *name == uplink.name)
-                    .map(|(_, reason)| reason.clone()),
+                carrier: state.carrier,
+                unavailable: (!state.routable).then(|| state.unavailable()).flatten(),
                 health: None,
+                stages: state.stages.clone(),
+                usable: state.usable,
+                errors: failures
+                    .iter()
+                    .filter(|(owner, _)| *owner == Some(uplink.id))
+                    .map(|(_, f)| f.clone())
+                    .collect(),
             })
-            .collect()
+            .collect();
+        if let Ok(mut status) = self.status.lock() {
+            status.uplinks = uplinks;
+        }
+        crate::proxy::feed(&self.proxy_feed, &self.config, states, proxy_refused);
+        if let Some(monitor) = &self.health {
+            let probed: Vec<(crate::config::Uplink, Option<std::net::Ipv4Addr>)> = self
+                .config
+                .uplinks
+                .iter()
+                .zip(states)
+                // Probes go on while the address exists (a link that is down fails them,
+                // so it rejoins only after `up_after` good rounds); without one they stop.
+                .map(|(uplink, state)| (uplink.clone(), state.source))
+                .collect();
+            monitor.follow(&probed, &self.config.health);
+        }
+    }
+
+    /// The source an uplink has now (configured or learned), from the last pass.
+    fn current_source(&self, id: u32) -> Option<std::net::Ipv4Addr> {
+        let status = self.status.lock().ok()?;
+        status
+            .uplinks
+            .iter()
+            .find(|u| u.id == id)
+            .and_then(|u| u.source.parse().ok())
     }
 }
 
@@ -252,6 +310,11 @@ async fn serve(
     state_dir: &StateDir,
     teardown_on_exit: bool,
 ) -> Result<(), DaemonError> {
+    // First, so a SIGHUP during the start (a reload sent too early) is kept for the loop
+    // instead of ending the daemon, which is SIGHUP's default action.
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     // Subscribe before the first apply so no change between apply and subscription is missed.
     let (connection, _, mut changes) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
@@ -272,6 +335,7 @@ async fn serve(
         last_reconcile_unix: 0,
         last_error: None,
         uplinks: Vec::new(),
+        last_reload: None,
         proxy: None,
     }));
     // Check the config against the kernel before anything is loaded or changed.
@@ -285,14 +349,8 @@ async fn serve(
     })?;
     // The forward proxy binds now, so a taken address fails the start with nothing changed;
     // it serves once the first apply has installed the routes its sockets leave by.
-    let (proxy_feed, proxy) = match config.proxy.clone() {
-        Some(settings) => {
-            let (feed, uplinks) = tokio::sync::watch::channel(Default::default());
-            let proxy = crate::proxy::Proxy::bind(&config, settings, uplinks)
-                .await
-                .map_err(DaemonError::Proxy)?;
-            (Some(feed), Some(proxy))
-        }
+    let (proxy_feed, proxy) = match bind_proxy(&config).await? {
+        Some((feed, proxy)) => (Some(feed), Some(proxy)),
         None => (None, None),
     };
     // Load (and verify) the programs before touching any routing, so a program the kernel
@@ -311,8 +369,10 @@ async fn serve(
     write_uplink_names(&config, state_dir);
     let mut daemon = Daemon {
         proxy_feed,
+        proxy: None,
         config,
         config_path,
+        state_dir: state_dir.clone(),
         netlink,
         backup: SysctlBackup::open(state_dir.sysctl_backup())?,
         status: status.clone(),
@@ -321,12 +381,9 @@ async fn serve(
         passive: Default::default(),
         traffic: Default::default(),
     };
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    // SIGHUP's default action would end the daemon (and `systemctl reload` sends it).
-    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
-    // The first apply is all or nothing: a failure rolls back and the daemon exits non-zero.
+    // The first apply is all or nothing for what no uplink owns: a failure rolls back and the
+    // daemon exits non-zero. Each uplink's own part is best effort, as in every later pass.
     let changed = match daemon.reconcile(Strictness::Strict).await {
         Ok(changed) => changed,
         Err(error) => {
@@ -343,13 +400,17 @@ async fn serve(
         "configuration applied"
     );
     if let Some(proxy) = proxy {
-        proxy.spawn(status.clone()).map_err(DaemonError::Proxy)?;
+        daemon.proxy = Some(proxy.spawn(status.clone()).map_err(DaemonError::Proxy)?);
     }
     let monitor = health::spawn(&daemon.config);
     let mut verdicts = monitor.verdicts.clone();
     let figures = monitor.figures.clone();
     let liveness = monitor.liveness.clone();
     daemon.health = Some(monitor);
+    // Probes for learned addresses start with the next pass; run it now rather than wait.
+    if let Err(error) = daemon.reconcile(Strictness::Tolerant).await {
+        tracing::warn!(error = %error_chain(&error), "could not keep the configuration applied; will retry");
+    }
 
     let socket = state_dir.socket();
     let _ = std::fs::remove_file(&socket);
@@ -357,7 +418,11 @@ async fn serve(
         path: socket.display().to_string(),
         source,
     })?;
-    tokio::spawn(serve_status(listener, status.clone(), figures.clone()));
+    tokio::spawn(status_socket::serve_status(
+        listener,
+        status.clone(),
+        figures.clone(),
+    ));
     tracing::info!(socket = %socket.display(), "serving status");
     systemd::notify("READY=1\nSTATUS=configuration applied");
     // Fed from this loop, not a task of its own: a hung loop is what the watchdog is for.
@@ -372,14 +437,12 @@ async fn serve(
     let mut passive_check = tokio::time::interval(PASSIVE_CHECK_INTERVAL);
     let (acquittal_results, mut acquittals) = tokio::sync::mpsc::channel::<(u32, bool)>(16);
     let mut acquittals_running = std::collections::BTreeSet::new();
-    let reset_after = Duration::from_millis(u64::from(daemon.config.health.reset_after_ms));
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
-                tracing::warn!("SIGHUP: re-reading the config is not supported yet; ignored");
-                continue;
+                daemon.reload().await;
             }
             _ = watchdog.tick() => {
                 if watchdog_period.is_some() {
@@ -422,16 +485,17 @@ async fn serve(
                         .answered_tcp_remotes(id, health::passive::ACQUITTAL_FROM_FLOWS)
                         .unwrap_or_default();
                     let uplink = daemon.config.uplinks.iter().find(|u| u.id == id).cloned();
+                    let source = daemon.current_source(id);
                     let results = acquittal_results.clone();
                     tokio::spawn(async move {
-                        let ok = match uplink {
-                            Some(uplink) => {
+                        let ok = match (uplink, source) {
+                            (Some(uplink), Some(source)) => {
                                 tokio::time::sleep(Duration::from_millis(500)).await;
                                 let targets = health::passive::acquittal_targets(&uplink.track, &elsewhere);
-                                let connects = targets.iter().map(|target| health::probe::tcp_probe(uplink.source, *target, Duration::from_secs(1)));
+                                let connects = targets.iter().map(|target| health::probe::tcp_probe(source, *target, Duration::from_secs(1)));
                                 futures::future::join_all(connects).await.iter().any(Option::is_some)
                             }
-                            None => false,
+                            _ => false,
                         };
                         let _ = results.send((id, ok)).await;
                     });
@@ -453,6 +517,7 @@ async fn serve(
                 }
             }
             _ = reset_check.tick() => {
+                let reset_after = Duration::from_millis(u64::from(daemon.config.health.reset_after_ms));
                 if let Some(dataplane) = &mut daemon.dataplane
                     && let Err(error) = dataplane.reset_due(reset_after, &liveness)
                 {
@@ -506,45 +571,18 @@ async fn serve(
     Ok(())
 }
 
-async fn serve_status(listener: UnixListener, status: Arc<Mutex<Status>>, figures: HealthFigures) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let status = status.clone();
-        let figures = figures.clone();
-        tokio::spawn(async move {
-            let (reader, mut writer) = stream.into_split();
-            let mut request = String::new();
-            // A request is one short line; never buffer more than that from a client.
-            let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(reader, 256));
-            let read = reader.read_line(&mut request);
-            if tokio::time::timeout(Duration::from_secs(2), read)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let answer = match request.trim() {
-                "" | "status" => {
-                    let mut document = status.lock().ok().map(|s| s.clone());
-                    if let (Some(document), Ok(figures)) = (document.as_mut(), figures.lock()) {
-                        for uplink in &mut document.uplinks {
-                            uplink.health = figures.get(&uplink.id).cloned();
-                        }
-                    }
-                    document
-                        .and_then(|d| serde_json::to_string(&d).ok())
-                        .unwrap_or_else(|| r#"{"error":"status unavailable"}"#.to_string())
-                }
-                other => serde_json::json!({ "version": STATUS_VERSION, "error": format!("unknown request {other:?}") })
-                    .to_string(),
-            };
-            let _ = writer.write_all(answer.as_bytes()).await;
-            let _ = writer.write_all(b"\n").await;
-            let _ = writer.shutdown().await;
-        });
-    }
+/// The proxy of `config`, bound but not serving, with the channel that feeds it the uplinks.
+async fn bind_proxy(
+    config: &Config,
+) -> Result<Option<(crate::proxy::Feed, crate::proxy::Proxy)>, DaemonError> {
+    let Some(settings) = config.proxy.clone() else {
+        return Ok(None);
+    };
+    let (feed, uplinks) = tokio::sync::watch::channel(Default::default());
+    let proxy = crate::proxy::Proxy::bind(config, settings, uplinks)
+        .await
+        .map_err(DaemonError::Proxy)?;
+    Ok(Some((feed, proxy)))
 }
 
 /// An error and its causes on one line.

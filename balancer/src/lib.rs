@@ -23,3 +23,4 @@ pub mod stats;
 pub mod sysctl;
 pub mod systemd;
 pub mod teardown;
+pub mod uplink;

@@ -13,7 +13,7 @@ use rtnetlink::{
     },
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressScope},
         link::{LinkAttribute, LinkFlags, LinkLayerType},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{
@@ -100,9 +100,23 @@ fn is_raw_ip(link_type: LinkLayerType) -> bool {
 pub struct Address {
     pub ifindex: u32,
     pub network: Ipv4Net,
-    /// The far end of a point-to-point address (`ip addr add A peer B`), as PPP and raw-IP
-    /// LTE links have it.
+    /// The far end of a point-to-point address (`ip addr add A peer B`), as PPPoE and LTE
+    /// modems set it.
     pub peer: Option<Ipv4Addr>,
+    /// Global scope and not secondary: the address a learned `source` is taken from.
+    pub primary: bool,
+}
+
+impl Address {
+    /// For tests: a primary address without a peer.
+    pub fn new(ifindex: u32, network: Ipv4Net) -> Address {
+        Address {
+            ifindex,
+            network,
+            peer: None,
+            primary: true,
+        }
+    }
 }
 
 /// A connection to the kernel's routing subsystem.
@@ -173,25 +187,24 @@ impl Netlink {
                     AddressAttribute::Local(IpAddr::V4(address)) => Some(*address),
                     _ => None,
                 });
-                let address = local.or_else(|| {
-                    message.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(IpAddr::V4(address)) => Some(*address),
-                        _ => None,
-                    })
-                })?;
-                let network = Ipv4Net::new(address, message.header.prefix_len).ok()?;
-                let peer = local.and_then(|local| {
-                    message.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(IpAddr::V4(peer)) if *peer != local => {
-                            Some(*peer)
-                        }
-                        _ => None,
-                    })
+                let remote = message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(address)) => Some(*address),
+                    _ => None,
                 });
+                let address = local.or(remote)?;
+                let network = Ipv4Net::new(address, message.header.prefix_len).ok()?;
+                let secondary = message
+                    .header
+                    .flags
+                    .contains(AddressHeaderFlags::Secondary)
+                    || message.attributes.iter().any(|a| {
+                        matches!(a, AddressAttribute::Flags(flags) if flags.contains(AddressFlags::Secondary))
+                    });
                 Some(Address {
                     ifindex: message.header.index,
                     network,
-                    peer,
+                    peer: remote.filter(|peer| *peer != address),
+                    primary: message.header.scope == AddressScope::Universe && !secondary,
                 })
             })
             .collect())

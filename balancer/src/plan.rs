@@ -18,6 +18,7 @@ use crate::{
     netlink::{Address, Link},
     ownership,
     routing::{Interface, Lookup, Route, RouteKind, RouteScope, Rule, SysctlKey},
+    uplink::{self, UplinkState},
 };
 
 use crate::office::{self, MAIN_TABLE};
@@ -58,6 +59,8 @@ pub struct Desired {
     pub sysctls: Vec<(SysctlKey, String)>,
     /// Uplinks the kernel cannot carry now, by name, with the reason.
     pub unavailable: Vec<(String, String)>,
+    /// The state of every configured uplink this plan was made from.
+    pub uplinks: Vec<UplinkState>,
 }
 
 /// One change to the kernel. Each prints as the command an administrator would type.
@@ -145,115 +148,12 @@ pub fn desired_sysctls(config: &Config) -> Vec<(SysctlKey, String)> {
 /// How strictly `desired` treats an uplink the kernel cannot use right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strictness {
-    /// `check`, `plan` and the daemon's first apply: a missing interface, a source that is not on
-    /// its interface or a gateway outside its subnet is a config error, and nothing is applied.
+    /// `check`, `plan` and the daemon's start: an unknown interface without `hotplug`, or an
+    /// explicit source or gateway that contradicts its interface, is a config error.
     Strict,
-    /// The running daemon: an uplink whose interface vanished or lost its address is only
-    /// unavailable, so the other uplinks keep being maintained.
+    /// The running daemon: an uplink the kernel cannot carry now only waits, so the other
+    /// uplinks keep being maintained.
     Tolerant,
-}
-
-/// Whether the kernel can carry an uplink's routes now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Readiness {
-    Ready {
-        interface: Interface,
-        subnet: Ipv4Net,
-        carrier: bool,
-    },
-    /// Its table keeps only the terminal route, so its traffic is refused rather than leaking
-    /// out of another uplink.
-    Unavailable { reason: String },
-}
-
-fn readiness(
-    config: &Config,
-    observed: &Observed,
-    position: usize,
-    strictness: Strictness,
-) -> Result<Readiness, ConfigError> {
-    let uplink = &config.uplinks[position];
-    let problem = |field: &str, message: String| match strictness {
-        Strictness::Strict => Err(config.error(&format!("uplink[{position}].{field}"), message)),
-        Strictness::Tolerant => Ok(Readiness::Unavailable { reason: message }),
-    };
-    let Some(link) = observed
-        .links
-        .iter()
-        .find(|l| l.interface.name == uplink.interface)
-    else {
-        return problem(
-            "interface",
-            format!("there is no interface {}", uplink.interface),
-        );
-    };
-    let on_interface: Vec<&Address> = observed
-        .addresses
-        .iter()
-        .filter(|a| a.ifindex == link.interface.index)
-        .collect();
-    let Some(address) = on_interface
-        .iter()
-        .find(|a| a.network.addr() == uplink.source)
-    else {
-        let present: Vec<String> = on_interface.iter().map(|a| a.network.to_string()).collect();
-        let present = if present.is_empty() {
-            "none".to_string()
-        } else {
-            present.join(", ")
-        };
-        return problem(
-            "source",
-            format!(
-                "{} is not an address of {} (it has {present})",
-                uplink.source, uplink.interface
-            ),
-        );
-    };
-    // A point-to-point address (PPP, raw-IP LTE: `A peer B`) reaches only its peer: the
-    // connected route, and so the gateway, is the peer.
-    let (subnet, gateway_problem) = match address.peer {
-        Some(peer) => (
-            Ipv4Net::from(peer),
-            (peer != uplink.gateway).then(|| {
-                format!(
-                    "{} is not the peer {peer} of {}'s point-to-point address",
-                    uplink.gateway, uplink.interface
-                )
-            }),
-        ),
-        None => {
-            let subnet = address.network.trunc();
-            // A /31 (RFC 3021) has two hosts and neither network nor broadcast address.
-            let reserved = subnet.prefix_len() < 31
-                && (uplink.gateway == subnet.network() || uplink.gateway == subnet.broadcast());
-            let outside = !subnet.contains(&uplink.gateway) || reserved;
-            (
-                subnet,
-                outside.then(|| {
-                    format!(
-                        "{} is not a host in {}'s subnet {subnet}",
-                        uplink.gateway, uplink.interface
-                    )
-                }),
-            )
-        }
-    };
-    if let Some(message) = gateway_problem {
-        return problem("gateway", message);
-    }
-    // The kernel removes the routes of an interface that is set down and refuses new ones, so
-    // such an uplink waits (also at start: a modem may come up after the gateway).
-    if !link.up {
-        return Ok(Readiness::Unavailable {
-            reason: format!("{} is down", uplink.interface),
-        });
-    }
-    Ok(Readiness::Ready {
-        interface: link.interface.clone(),
-        subnet,
-        carrier: link.carrier,
-    })
 }
 
 /// The addresses on the LAN interfaces, where the forward proxy may listen.
@@ -278,24 +178,30 @@ pub fn desired(
     observed: &Observed,
     strictness: Strictness,
 ) -> Result<Desired, ConfigError> {
+    if strictness == Strictness::Strict {
+        check(config, observed)?;
+    }
+    let states = uplink::resolve(config, observed, &observed.down);
+    Ok(desired_from(config, observed, states))
+}
+
+/// The checks against the kernel that `check` reports as config errors.
+fn check(config: &Config, observed: &Observed) -> Result<(), ConfigError> {
     for (index, name) in config.lan.interfaces.iter().enumerate() {
-        if observed.interface(name).is_none() && strictness == Strictness::Strict {
+        if observed.interface(name).is_none() {
             return Err(config.error(
                 &format!("lan.interfaces[{index}]"),
                 format!("there is no interface {name}"),
             ));
         }
     }
-    if strictness == Strictness::Strict
-        && let Some(proxy) = &config.proxy
-    {
+    if let Some(proxy) = &config.proxy {
         let lan_addresses: Vec<std::net::Ipv4Addr> = lan_addresses(config, observed);
         if let Some(problem) = crate::config::proxy::listen_problem(proxy.listen, &lan_addresses) {
             return Err(config.error("proxy.listen", problem));
         }
     }
-    if strictness == Strictness::Strict
-        && config.dataplane.enabled
+    if config.dataplane.enabled
         && let Some((low, high)) = observed.local_port_range
     {
         let (min, max) = (config.dataplane.nat_port_min, config.dataplane.nat_port_max);
@@ -309,9 +215,11 @@ pub fn desired(
             ));
         }
     }
-    let readiness: Vec<Readiness> = (0..config.uplinks.len())
-        .map(|position| readiness(config, observed, position, strictness))
-        .collect::<Result<_, _>>()?;
+    uplink::check(config, observed)
+}
+
+/// The desired routes, rules and settings for uplinks in `states` (from [`uplink::resolve`]).
+pub fn desired_from(config: &Config, observed: &Observed, states: Vec<UplinkState>) -> Desired {
     let office_routes = office::office_routes(config, observed);
 
     let mut routes = Vec::new();
@@ -326,20 +234,20 @@ pub fn desired(
             MAIN_TABLE,
         ));
     }
-    for (uplink, readiness) in config.uplinks.iter().zip(&readiness) {
+    for (uplink, state) in config.uplinks.iter().zip(&states) {
         let table = uplink.table;
-        match readiness {
-            Readiness::Ready {
-                interface, subnet, ..
-            } => {
+        match (&state.interface, state.source, state.routable) {
+            (Some(interface), Some(source), true) => {
                 routes.push(uplink_route(
-                    uplink,
+                    source,
                     table,
                     interface,
                     Ipv4Net::default(),
-                    Some(uplink.gateway),
+                    state.gateway,
                 ));
-                routes.push(uplink_route(uplink, table, interface, *subnet, None));
+                if let Some(connected) = state.connected {
+                    routes.push(uplink_route(source, table, interface, connected, None));
+                }
                 // The uplink's own specific routes (a PPP peer, a DHCP server's host route),
                 // then every office route, so that a lookup in this table reaches the office.
                 let own = office::uplink_routes(config, observed, &interface.name);
@@ -354,9 +262,7 @@ pub fn desired(
                     }
                 }
             }
-            Readiness::Unavailable { reason } => {
-                unavailable.push((uplink.name.clone(), reason.clone()))
-            }
+            _ => unavailable.push((uplink.name.clone(), state.unavailable().unwrap_or_default())),
         }
         routes.push(Route {
             table,
@@ -369,13 +275,16 @@ pub fn desired(
             scope: RouteScope::Universe,
             protocol: ownership::PROTOCOL,
         });
-        rules.push(owned_rule(
-            ownership::PRIORITY_FROM_SOURCE + uplink.id,
-            Some(Ipv4Net::from(uplink.source)),
-            None,
-            None,
-            table,
-        ));
+        // Sockets bound to the uplink's address leave by it; an address not known yet has none.
+        if let Some(source) = state.source {
+            rules.push(owned_rule(
+                ownership::PRIORITY_FROM_SOURCE + uplink.id,
+                Some(Ipv4Net::from(source)),
+                None,
+                None,
+                table,
+            ));
+        }
         rules.push(owned_rule(
             ownership::PRIORITY_FWMARK + uplink.id,
             None,
@@ -385,35 +294,28 @@ pub fn desired(
         ));
     }
 
-    // The gateway's own unbound traffic: the heaviest uplink that has carrier and passes its
-    // health probes, else the heaviest with carrier, else the heaviest usable one.
-    let usable = |wants_carrier: bool, wants_health: bool| {
+    // The gateway's own unbound traffic: the heaviest usable uplink, else the heaviest with
+    // carrier, else the heaviest routable one.
+    let heaviest = |fits: &dyn Fn(&UplinkState) -> bool| {
         config
             .uplinks
             .iter()
-            .zip(&readiness)
-            .filter_map(|(uplink, readiness)| match readiness {
-                Readiness::Ready {
-                    interface, carrier, ..
-                } if (*carrier || !wants_carrier)
-                    && (!wants_health || !observed.down.contains(&uplink.id)) =>
-                {
-                    Some((uplink, interface))
-                }
-                _ => None,
-            })
+            .zip(&states)
+            .filter(|(_, state)| state.routable && fits(state))
             .max_by(|(a, _), (b, _)| a.weight.cmp(&b.weight).then(b.id.cmp(&a.id)))
+            .map(|(_, state)| state)
     };
-    if let Some((uplink, interface)) = usable(true, true)
-        .or_else(|| usable(true, false))
-        .or_else(|| usable(false, false))
+    if let Some(state) = heaviest(&|s| s.usable)
+        .or_else(|| heaviest(&|s| s.carrier))
+        .or_else(|| heaviest(&|_| true))
+        && let (Some(interface), Some(source)) = (&state.interface, state.source)
     {
         routes.push(uplink_route(
-            uplink,
+            source,
             ownership::LOCAL_EGRESS_TABLE,
             interface,
             Ipv4Net::default(),
-            Some(uplink.gateway),
+            state.gateway,
         ));
     }
     let mut main_specific = owned_rule(
@@ -438,16 +340,32 @@ pub fn desired(
     local_egress.iif = Some(LOOPBACK.to_string());
     rules.push(local_egress);
 
-    Ok(Desired {
+    // Settings only for interfaces that exist: a missing one has no /proc/sys entry, and a
+    // re-created one starts from the defaults again, so they are written then.
+    let present: Vec<&str> = states
+        .iter()
+        .filter_map(|s| s.interface.as_ref().map(|i| i.name.as_str()))
+        .collect();
+    let sysctls = desired_sysctls(config)
+        .into_iter()
+        .filter(|(key, _)| match key.interface() {
+            Some(name) => present.contains(&name),
+            None => true,
+        })
+        .collect();
+    Desired {
         routes,
         rules,
-        sysctls: desired_sysctls(config),
+        sysctls,
         unavailable,
-    })
+        uplinks: states,
+    }
 }
 
+/// A default or connected route of an uplink: `via` its gateway, or `dev` only (scope link)
+/// where there is none (point-to-point links without a link-layer header, connected routes).
 fn uplink_route(
-    uplink: &crate::config::Uplink,
+    source: Ipv4Addr,
     table: u32,
     interface: &Interface,
     destination: Ipv4Net,
@@ -460,7 +378,7 @@ fn uplink_route(
         kind: RouteKind::Unicast,
         gateway,
         interface: Some(interface.clone()),
-        preferred_source: Some(uplink.source),
+        preferred_source: Some(source),
         scope: if gateway.is_some() {
             RouteScope::Universe
         } else {
@@ -552,6 +470,47 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Vec<Operation> {
         }
     }
     operations
+}
+
+/// The uplink an operation belongs to (by table, interface or rule priority), or None for what
+/// no uplink owns (ip_forward, the LAN and fallback rules). Failures are shown per uplink, and
+/// only the unowned part of the first apply is all or nothing.
+pub fn owner(operation: &Operation, config: &Config) -> Option<u32> {
+    let by_table = |table: u32| {
+        config
+            .uplinks
+            .iter()
+            .find(|u| u.table == table)
+            .map(|u| u.id)
+    };
+    let by_interface = |name: &str| {
+        config
+            .uplinks
+            .iter()
+            .find(|u| u.interface == name)
+            .map(|u| u.id)
+    };
+    let by_route = |route: &Route| {
+        by_table(route.table)
+            .or_else(|| route.interface.as_ref().and_then(|i| by_interface(&i.name)))
+    };
+    match operation {
+        Operation::SetSysctl { key, .. } => key.interface().and_then(by_interface),
+        Operation::AddRoute(route) | Operation::DeleteRoute(route) => by_route(route),
+        Operation::ReplaceRoute { new, .. } => by_route(new),
+        Operation::AddRule(rule) | Operation::DeleteRule(rule) => {
+            let priority = rule.priority;
+            config
+                .uplinks
+                .iter()
+                .find(|u| {
+                    priority == ownership::PRIORITY_FROM_SOURCE + u.id
+                        || priority == ownership::PRIORITY_FWMARK + u.id
+                })
+                .map(|u| u.id)
+        }
+        Operation::FlushNeighbours(interface) => by_interface(&interface.name),
+    }
 }
 
 /// Desired state and the operations to reach it, in one step.

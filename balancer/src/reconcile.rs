@@ -97,6 +97,24 @@ pub async fn apply(
     Ok(())
 }
 
+/// Applies every operation it can, in order, and returns the ones that failed with why: one
+/// uplink the kernel refuses (its interface vanished a moment ago) never keeps the others
+/// from being maintained. Nothing is rolled back; the next pass retries what failed.
+pub async fn apply_best_effort(
+    netlink: &Netlink,
+    backup: &mut SysctlBackup,
+    operations: &[Operation],
+) -> Vec<(Operation, OperationError)> {
+    let mut failures = Vec::new();
+    for operation in operations {
+        match execute(netlink, backup, operation).await {
+            Ok(()) => tracing::info!(%operation, "applied"),
+            Err(error) => failures.push((operation.clone(), error)),
+        }
+    }
+    failures
+}
+
 /// Undoes operations that were applied, in reverse order, best effort; returns what failed.
 pub async fn undo(
     netlink: &Netlink,

@@ -144,6 +144,11 @@ impl SysctlKey {
         SysctlKey(format!("net/ipv4/conf/{interface}/{setting}"))
     }
 
+    /// The interface a per-interface setting is about.
+    pub fn interface(&self) -> Option<&str> {
+        self.0.strip_prefix("net/ipv4/conf/")?.split('/').next()
+    }
+
     /// The name `sysctl` prints: dots between levels, slashes inside an interface name.
     pub fn dotted(&self) -> String {
         self.0

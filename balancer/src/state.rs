@@ -15,8 +15,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the JSON served on the socket; bumped when a field changes meaning or goes away.
-pub const STATUS_VERSION: u32 = 1;
+/// Version of the JSON served on the socket. 2 only added fields to 1 (`stages`, `errors`,
+/// `last_reload`); a consumer of 1 reads 2 unchanged.
+pub const STATUS_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -164,6 +165,9 @@ pub struct Status {
     pub last_reconcile_unix: u64,
     pub last_error: Option<String>,
     pub uplinks: Vec<UplinkStatus>,
+    /// The outcome of the last reload (SIGHUP), if there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<Reload>,
     /// The forward proxy's counters when `[proxy]` is configured (refreshed every 250 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<crate::proxy::ProxyStatus>,
@@ -185,4 +189,23 @@ pub struct UplinkStatus {
     /// What the health probes say (filled in when the status is served).
     #[serde(default)]
     pub health: Option<crate::health::UplinkHealth>,
+    /// Every stage of the uplink (configured, present, addressed, carrier, health, usable),
+    /// each with its reason; `source` and `gateway` above show the learned values.
+    #[serde(default)]
+    pub stages: crate::uplink::Stages,
+    /// Whether it takes new flows now.
+    #[serde(default)]
+    pub usable: bool,
+    /// What the kernel refused for this uplink in the last pass (retried every pass).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// The outcome of a reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reload {
+    pub unix: u64,
+    pub ok: bool,
+    /// What changed, or why the new config was refused (the running one stays).
+    pub message: String,
 }

@@ -107,8 +107,13 @@ fn bad_toml_and_unknown_keys_report_a_line() {
     let unknown = error_of(&GOOD.replace("weight = 2", "wieght = 2"));
     assert_eq!(unknown.key, "uplink[0].wieght", "{unknown}");
     assert_eq!(unknown.line, Some(11));
-    let missing = error_of(&GOOD.replace("gateway = \"198.18.2.1\"\n", ""));
-    assert!(missing.message.contains("gateway"), "{missing}");
+    let missing = error_of(&GOOD.replace("interface = \"wan2\"\n", ""));
+    assert!(missing.message.contains("interface"), "{missing}");
+    // `gateway` and `source` may be left out: they are learned from the kernel.
+    let learned = Config::parse(&GOOD.replace("gateway = \"198.18.2.1\"\n", "")).unwrap();
+    assert_eq!(learned.uplinks[1].gateway, None);
+    let shared = error_of(&GOOD.replace("\"wan2\"", "\"wan1\""));
+    assert_eq!(shared.key, "uplink[1].interface", "{shared}");
 }
 
 #[test]

@@ -39,8 +39,9 @@ struct RawLan {
 struct RawUplink {
     name: Spanned<String>,
     interface: Spanned<String>,
-    gateway: Spanned<String>,
-    source: Spanned<String>,
+    gateway: Option<Spanned<String>>,
+    source: Option<Spanned<String>>,
+    hotplug: Option<Spanned<bool>>,
     weight: Option<Spanned<i64>>,
     id: Option<Spanned<i64>>,
     table: Option<Spanned<i64>>,
@@ -316,27 +317,37 @@ impl Validator<'_> {
             ));
         }
 
-        let gateway = self.address(&field("gateway"), &raw.gateway)?;
-        let source = self.address(&field("source"), &raw.source)?;
-        if gateway == source {
-            return Err(self.error(
-                &field("gateway"),
-                &raw.gateway,
-                "is the same address as source",
-            ));
+        let gateway = match &raw.gateway {
+            Some(text) => Some((self.address(&field("gateway"), text)?, text)),
+            None => None,
+        };
+        let source = match &raw.source {
+            Some(text) => Some((self.address(&field("source"), text)?, text)),
+            None => None,
+        };
+        if let (Some((gateway, text)), Some((source, _))) = (&gateway, &source)
+            && gateway == source
+        {
+            return Err(self.error(&field("gateway"), *text, "is the same address as source"));
         }
-        for (address, name, spanned) in [
-            (source, "source", &raw.source),
-            (gateway, "gateway", &raw.gateway),
-        ] {
-            if let Some(network) = lan.networks.iter().find(|n| n.contains(&address)) {
+        for (value, name) in [(&source, "source"), (&gateway, "gateway")] {
+            if let Some((address, spanned)) = value
+                && let Some(network) = lan.networks.iter().find(|n| n.contains(address))
+            {
                 return Err(self.error(
                     &field(name),
-                    spanned,
+                    *spanned,
                     format!("{address} is inside LAN network {network}"),
                 ));
             }
         }
+        let hotplug = match &raw.hotplug {
+            Some(value) => {
+                self.note(&field("hotplug"), value);
+                *value.get_ref()
+            }
+            None => false,
+        };
 
         let weight = match &raw.weight {
             None => 1,
@@ -416,8 +427,9 @@ impl Validator<'_> {
             id,
             name: name.to_string(),
             interface: raw.interface.into_inner(),
-            gateway,
-            source,
+            gateway: gateway.map(|(address, _)| address),
+            source: source.map(|(address, _)| address),
+            hotplug,
             weight,
             table,
             mark,
@@ -477,16 +489,19 @@ impl Validator<'_> {
     }
 
     fn check_unique(&self, uplinks: &[Uplink]) -> Result<(), ConfigError> {
-        let mut seen: [BTreeMap<String, usize>; 5] = Default::default();
+        let mut seen: [BTreeMap<String, usize>; 6] = Default::default();
         for (position, uplink) in uplinks.iter().enumerate() {
             let values = [
-                ("name", uplink.name.clone()),
-                ("id", uplink.id.to_string()),
-                ("table", uplink.table.to_string()),
-                ("mark", format!("{:#x}", uplink.mark)),
-                ("source", uplink.source.to_string()),
+                ("name", Some(uplink.name.clone())),
+                ("id", Some(uplink.id.to_string())),
+                ("table", Some(uplink.table.to_string())),
+                ("mark", Some(format!("{:#x}", uplink.mark))),
+                ("source", uplink.source.map(|s| s.to_string())),
+                // Two uplinks learning their addresses from one interface would share them.
+                ("interface", Some(uplink.interface.clone())),
             ];
             for (slot, (field, value)) in values.into_iter().enumerate() {
+                let Some(value) = value else { continue };
                 if let Some(first) = seen[slot].insert(value.clone(), position) {
                     let key = format!("uplink[{position}].{field}");
                     // A derived id, table or mark has no line of its own: point at the uplink.

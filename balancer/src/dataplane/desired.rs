@@ -13,7 +13,7 @@ use balancer_common::{
 };
 use ipnet::Ipv4Net;
 
-use crate::{config::Config, office, plan::Observed, routing::Interface};
+use crate::{config::Config, office, plan::Observed, routing::Interface, uplink::UplinkState};
 
 /// One uplink as the programs see it (the generation is kept by the map, see `Dataplane`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,58 +73,47 @@ pub fn mss_for_mtu(mtu: u32) -> u16 {
     }
 }
 
-/// Works out the data plane's desired state. `unavailable` names the uplinks the routing plan
-/// found unusable (interface down or gone, address missing).
-pub fn desired(
-    config: &Config,
-    observed: &Observed,
-    unavailable: &[(String, String)],
-) -> DataplaneDesired {
+/// Works out the data plane's desired state from the uplinks' states (`uplink::resolve`): every
+/// configured uplink has a slot; one whose interface is absent has no hooks and takes no flows.
+pub fn desired(config: &Config, observed: &Observed, states: &[UplinkState]) -> DataplaneDesired {
     let link = |name: &str| observed.links.iter().find(|l| l.interface.name == name);
     let mut uplinks = Vec::new();
     let mut attachments = Vec::new();
     let mut destinations: Vec<(Ipv4Net, u32)> = Vec::new();
-    for uplink in &config.uplinks {
-        let Some(link) = link(&uplink.interface) else {
-            continue;
-        };
-        let usable = !unavailable.iter().any(|(name, _)| *name == uplink.name);
+    for (uplink, state) in config.uplinks.iter().zip(states) {
         uplinks.push(UplinkSlot {
             id: uplink.id,
-            source: uplink.source,
+            source: state.source.unwrap_or(Ipv4Addr::UNSPECIFIED),
             mark: uplink.mark,
-            ifindex: link.interface.index,
-            enabled: usable && link.carrier && !observed.down.contains(&uplink.id),
-            mss_max: mss_for_mtu(link.mtu),
+            ifindex: state.interface.as_ref().map_or(0, |i| i.index),
+            enabled: state.usable,
+            mss_max: mss_for_mtu(state.mtu),
         });
+        let Some(interface) = &state.interface else {
+            continue;
+        };
         // The link type decides the program variant once, at attach time: an Ethernet uplink's
         // programs never look for a raw-IP packet.
-        let (egress, ingress) = if link.raw_ip {
-            (PROGRAM_UPLINK_EGRESS_RAW_IP, PROGRAM_UPLINK_INGRESS_RAW_IP)
-        } else {
+        let (egress, ingress) = if state.ethernet {
             (PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS)
+        } else {
+            (PROGRAM_UPLINK_EGRESS_RAW_IP, PROGRAM_UPLINK_INGRESS_RAW_IP)
         };
         for (program, direction) in [(egress, Direction::Egress), (ingress, Direction::Ingress)] {
             attachments.push(Attachment {
                 program,
-                interface: link.interface.clone(),
+                interface: interface.clone(),
                 direction,
             });
         }
-        // A modem's admin page sits in the uplink's own subnet: traffic there must use that uplink.
-        if let Some(address) = observed
-            .addresses
-            .iter()
-            .find(|a| a.ifindex == link.interface.index && a.network.addr() == uplink.source)
+        // A modem's admin page sits in the uplink's own subnet (or is its peer): traffic there
+        // must use that uplink. Two uplinks sharing a subnet cannot both own it; the first does.
+        if let Some(connected) = state.connected
+            && connected.prefix_len() > 0
+            && state.source.is_some()
+            && !destinations.iter().any(|(net, _)| *net == connected)
         {
-            // A point-to-point address reaches only its peer.
-            let subnet = address
-                .peer
-                .map_or_else(|| address.network.trunc(), Ipv4Net::from);
-            // Two uplinks sharing a subnet cannot both own it; the first one listed does.
-            if subnet.prefix_len() > 0 && !destinations.iter().any(|(net, _)| *net == subnet) {
-                destinations.push((subnet, uplink.id));
-            }
+            destinations.push((connected, uplink.id));
         }
         // Its other specific routes (a PPP peer, a DHCP server's host route) are its too.
         for route in office::uplink_routes(config, observed, &uplink.interface) {
@@ -223,6 +212,62 @@ mod tests {
         assert_eq!(mss_for_mtu(0), 0, "unknown MTU: no clamping");
         assert_eq!(mss_for_mtu(65_536), 65_496);
         assert_eq!(mss_for_mtu(1_000_000), u16::MAX);
+    }
+
+    #[test]
+    fn an_uplink_without_an_ethernet_header_gets_the_raw_ip_programs() {
+        use crate::netlink::{Address, Link};
+        let config = Config::parse(
+            "[lan]\ninterfaces = [\"lan0\"]\nnetworks = [\"198.18.0.0/24\"]\n\
+             [[uplink]]\nname = \"cable\"\ninterface = \"wan1\"\ngateway = \"198.18.1.1\"\n\
+             [[uplink]]\nname = \"lte\"\ninterface = \"wwan0\"\nhotplug = true\n",
+        )
+        .unwrap();
+        let link = |index, name: &str, ethernet: bool| Link {
+            interface: Interface {
+                index,
+                name: name.into(),
+            },
+            up: true,
+            carrier: true,
+            mtu: 1500,
+            raw_ip: !ethernet,
+        };
+        let observed = Observed {
+            links: vec![
+                link(2, "lan0", true),
+                link(3, "wan1", true),
+                link(4, "wwan0", false),
+            ],
+            addresses: vec![
+                Address::new(3, "198.18.1.2/24".parse().unwrap()),
+                Address::new(4, "198.19.24.7/32".parse().unwrap()),
+            ],
+            ..Observed::default()
+        };
+        let states = crate::uplink::resolve(&config, &observed, &[]);
+        assert!(states.iter().all(|s| s.usable), "{states:#?}");
+        let wanted = desired(&config, &observed, &states);
+        let enabled: Vec<(u32, bool)> = wanted.uplinks.iter().map(|s| (s.id, s.enabled)).collect();
+        assert_eq!(enabled, [(1, true), (2, true)]);
+        assert_eq!(wanted.schedule, [1, 2]);
+        let programs = |interface: &str| -> Vec<&str> {
+            wanted
+                .attachments
+                .iter()
+                .filter(|a| a.interface.name == interface)
+                .map(|a| a.program)
+                .collect()
+        };
+        assert_eq!(
+            programs("wan1"),
+            [PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS]
+        );
+        assert_eq!(
+            programs("wwan0"),
+            [PROGRAM_UPLINK_EGRESS_RAW_IP, PROGRAM_UPLINK_INGRESS_RAW_IP]
+        );
+        assert_eq!(programs("lan0"), [PROGRAM_LAN_INGRESS]);
     }
 
     #[test]

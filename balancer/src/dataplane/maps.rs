@@ -67,9 +67,11 @@ impl Dataplane {
             }
         }
         let mut by_ifindex: HashMap<_, u32, u32> = typed(&mut self.ebpf, names::UPLINK_BY_IFINDEX)?;
+        // An uplink whose interface is absent has no hooks (ifindex 0).
         let wanted: BTreeMap<u32, u32> = desired
             .uplinks
             .iter()
+            .filter(|slot| slot.ifindex != 0)
             .map(|slot| (slot.ifindex, slot.id))
             .collect();
         let present: Vec<u32> = by_ifindex.keys().filter_map(Result::ok).collect();

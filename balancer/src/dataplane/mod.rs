@@ -11,6 +11,7 @@ pub mod bpffs;
 pub mod desired;
 mod maps;
 pub mod pins;
+mod renumber;
 mod reset;
 
 use std::{
@@ -313,6 +314,9 @@ impl Dataplane {
                 .written
                 .as_ref()
                 .is_none_or(|written| written.destinations != desired.destinations);
+            let addresses_changed = self.written.as_ref().is_none_or(|written| {
+                renumber::addresses(&written.uplinks) != renumber::addresses(&desired.uplinks)
+            });
             self.write_settings(&desired.settings)?;
             self.write_uplinks(desired)?;
             self.write_destinations(&desired.destinations)?;
@@ -329,96 +333,34 @@ impl Dataplane {
                     );
                 }
             }
+            // An uplink renumbered or removed: its flows on the old address can never get a
+            // reply again. Release them now (TCP clients reset), not at their timeouts.
+            if addresses_changed {
+                self.release_stale_flows(desired)?;
+            }
         }
         self.attach_all(desired)
     }
 
+    /// Attaches every wanted hook, best effort: one interface that refuses (vanished between
+    /// the observation and now) never keeps the others from being attached. Returns the first
+    /// failure after trying them all.
     fn attach_all(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
+        let mut first_error = None;
         for attachment in &desired.attachments {
             let hook = (attachment.interface.index, attachment.direction);
             if self.attached.contains(&hook) {
                 continue;
             }
-            let direction = attachment.direction.name();
-            let interface = attachment.interface.name.clone();
-            let attach_type = match attachment.direction {
-                Direction::Ingress => TcAttachType::Ingress,
-                Direction::Egress => TcAttachType::Egress,
-            };
-            let pin_path = self
-                .pins
-                .as_ref()
-                .map(|pins| pins.link(attachment.interface.index, direction));
-            let program = classifier(&mut self.ebpf, attachment.program)?;
-            // An earlier daemon's link: swap this process's program into it, atomically. A
-            // link that cannot be adopted (severed: its interface was deleted or re-created, its
-            // namespace re-made; or not a TCX link at all) is stale: unpinned and replaced.
-            let adopted = match &pin_path {
-                Some(path) if path.exists() => match adopt_link(program, path) {
-                    Ok(()) => true,
-                    Err(source) => {
-                        let error = DataplaneError::Adopt {
-                            interface: interface.clone(),
-                            direction,
-                            source: Box::new(source),
-                        };
-                        tracing::warn!(
-                            error = %crate::daemon::error_chain(&error),
-                            path = %path.display(),
-                            "replacing a stale pinned link"
-                        );
-                        std::fs::remove_file(path).map_err(|source| DataplaneError::Unpin {
-                            path: path.display().to_string(),
-                            source,
-                        })?;
-                        false
-                    }
-                },
-                _ => false,
-            };
-            match pin_path {
-                _ if adopted => {}
-                Some(path) => {
-                    let id = program.attach(&interface, attach_type).map_err(|source| {
-                        DataplaneError::Attach {
-                            program: attachment.program,
-                            interface: interface.clone(),
-                            direction,
-                            source: Box::new(source),
-                        }
-                    })?;
-                    let link = program
-                        .take_link(id)
-                        .map_err(|source| DataplaneError::Attach {
-                            program: attachment.program,
-                            interface: interface.clone(),
-                            direction,
-                            source: Box::new(source),
-                        })?;
-                    let pin_error = |source: io::Error| DataplaneError::Pin {
-                        interface: interface.clone(),
-                        direction,
-                        path: path.display().to_string(),
-                        source,
-                    };
-                    let fd_link =
-                        FdLink::try_from(link).map_err(|e| pin_error(io::Error::other(e)))?;
-                    fd_link
-                        .pin(&path)
-                        .map_err(|e| pin_error(io::Error::other(e)))?;
+            match self.attach_one(attachment) {
+                Ok(()) => {
+                    self.attached.insert(hook);
                 }
-                None => {
-                    program.attach(&interface, attach_type).map_err(|source| {
-                        DataplaneError::Attach {
-                            program: attachment.program,
-                            interface: interface.clone(),
-                            direction,
-                            source: Box::new(source),
-                        }
-                    })?;
+                Err(error) => {
+                    tracing::warn!(interface = %attachment.interface.name, error = %crate::daemon::error_chain(&error), "attaching a program");
+                    first_error.get_or_insert(error);
                 }
             }
-            self.attached.insert(hook);
         }
         // Hooks no longer wanted (an uplink removed from the config): unpinning detaches them.
         if let Some(pins) = &self.pins {
@@ -442,6 +384,88 @@ impl Dataplane {
             self.attached.retain(|(ifindex, direction)| {
                 wanted.contains(&pins.link(*ifindex, direction.name()))
             });
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn attach_one(&mut self, attachment: &desired::Attachment) -> Result<(), DataplaneError> {
+        let direction = attachment.direction.name();
+        let interface = attachment.interface.name.clone();
+        let attach_type = match attachment.direction {
+            Direction::Ingress => TcAttachType::Ingress,
+            Direction::Egress => TcAttachType::Egress,
+        };
+        let pin_path = self
+            .pins
+            .as_ref()
+            .map(|pins| pins.link(attachment.interface.index, direction));
+        let program = classifier(&mut self.ebpf, attachment.program)?;
+        // An earlier daemon's link: swap this process's program into it, atomically. A link
+        // that cannot be adopted (severed: its interface was deleted or re-created, its
+        // namespace re-made; or not a TCX link at all) is stale: unpinned and replaced.
+        let adopted = match &pin_path {
+            Some(path) if path.exists() => match adopt_link(program, path) {
+                Ok(()) => true,
+                Err(source) => {
+                    let error = DataplaneError::Adopt {
+                        interface: interface.clone(),
+                        direction,
+                        source: Box::new(source),
+                    };
+                    tracing::warn!(
+                        error = %crate::daemon::error_chain(&error),
+                        path = %path.display(),
+                        "replacing a stale pinned link"
+                    );
+                    std::fs::remove_file(path).map_err(|source| DataplaneError::Unpin {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                    false
+                }
+            },
+            _ => false,
+        };
+        match pin_path {
+            _ if adopted => {}
+            Some(path) => {
+                let id = program.attach(&interface, attach_type).map_err(|source| {
+                    DataplaneError::Attach {
+                        program: attachment.program,
+                        interface: interface.clone(),
+                        direction,
+                        source: Box::new(source),
+                    }
+                })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| DataplaneError::Attach {
+                        program: attachment.program,
+                        interface: interface.clone(),
+                        direction,
+                        source: Box::new(source),
+                    })?;
+                let pin_error = |source: io::Error| DataplaneError::Pin {
+                    interface: interface.clone(),
+                    direction,
+                    path: path.display().to_string(),
+                    source,
+                };
+                let fd_link = FdLink::try_from(link).map_err(|e| pin_error(io::Error::other(e)))?;
+                fd_link
+                    .pin(&path)
+                    .map_err(|e| pin_error(io::Error::other(e)))?;
+            }
+            None => {
+                program.attach(&interface, attach_type).map_err(|source| {
+                    DataplaneError::Attach {
+                        program: attachment.program,
+                        interface: interface.clone(),
+                        direction,
+                        source: Box::new(source),
+                    }
+                })?;
+            }
         }
         Ok(())
     }

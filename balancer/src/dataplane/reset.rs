@@ -144,7 +144,7 @@ impl Dataplane {
 
 /// An IPv4 + TCP RST|ACK from the flow's server to its client, with the sequence number the
 /// client expects and acknowledging what the client sent.
-fn rst_to_client(key: &FlowKey, entry: &FlowEntry) -> Vec<u8> {
+pub(super) fn rst_to_client(key: &FlowKey, entry: &FlowEntry) -> Vec<u8> {
     let source = key.remote_addr.to_ne_bytes();
     let destination = key.client_addr.to_ne_bytes();
     let mut tcp = [0u8; 20];

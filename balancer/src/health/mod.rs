@@ -51,8 +51,18 @@ pub struct UplinkHealth {
 pub struct Monitor {
     pub figures: Arc<Mutex<BTreeMap<u32, UplinkHealth>>>,
     pub verdicts: watch::Receiver<BTreeMap<u32, State>>,
+    sender: Arc<watch::Sender<BTreeMap<u32, State>>>,
+    /// The probing task of each uplink, with the uplink (source included) and settings it
+    /// probes with.
+    tasks: Arc<Mutex<BTreeMap<u32, ProbingTask>>>,
     /// When each uplink last answered anything (probes or traffic), and its smoothed RTT.
     pub liveness: Liveness,
+}
+
+struct ProbingTask {
+    uplink: Uplink,
+    settings: Health,
+    task: tokio::task::AbortHandle,
 }
 
 impl Monitor {
@@ -65,53 +75,133 @@ impl Monitor {
             .map(|(id, _)| *id)
             .collect()
     }
+
+    /// Probes each uplink in `uplinks` as it is now: `source` is the address it has now (None:
+    /// not addressed yet, nothing to probe from). An uplink whose source or targets changed
+    /// (renumbered, or a reload) starts over from unknown; one no longer listed stops. The
+    /// others keep their state.
+    pub fn follow(&self, uplinks: &[(Uplink, Option<std::net::Ipv4Addr>)], settings: &Health) {
+        let Ok(mut tasks) = self.tasks.lock() else {
+            return;
+        };
+        let mut wanted = BTreeMap::new();
+        for (uplink, source) in uplinks {
+            let probed = source
+                .filter(|_| !uplink.track.is_empty())
+                .map(|source| Uplink {
+                    source: Some(source),
+                    ..uplink.clone()
+                });
+            wanted.insert(uplink.id, (uplink.clone(), probed));
+        }
+        let stale: Vec<u32> = tasks
+            .iter()
+            .filter(|(id, probing)| {
+                probing.settings != *settings
+                    || wanted.get(id).and_then(|(_, p)| p.as_ref()) != Some(&probing.uplink)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(probing) = tasks.remove(&id) {
+                probing.task.abort();
+            }
+            self.sender.send_modify(|map| {
+                map.insert(id, State::Unknown);
+            });
+        }
+        if let Ok(mut figures) = self.figures.lock() {
+            figures.retain(|id, _| wanted.contains_key(id));
+            for (id, (uplink, probed)) in &wanted {
+                let tracked = !uplink.track.is_empty();
+                let entry = figures
+                    .entry(*id)
+                    .or_insert_with(|| initial_figures(tracked));
+                // Starting over: a new probing task, no address to probe from, or targets
+                // removed. A passive verdict is the daemon's and stays.
+                let fresh = match probed {
+                    Some(_) => !tasks.contains_key(id),
+                    None => tracked || entry.tracked,
+                };
+                if fresh {
+                    let passive = entry.passive.take();
+                    *entry = initial_figures(tracked);
+                    entry.passive = passive;
+                    if probed.is_none() && tracked {
+                        entry.reason = Some("no address to probe from yet".into());
+                    }
+                }
+            }
+        }
+        self.sender.send_if_modified(|map| {
+            let before = map.len();
+            map.retain(|id, _| wanted.contains_key(id));
+            for id in wanted.keys() {
+                map.entry(*id).or_insert(State::Unknown);
+            }
+            map.len() != before
+        });
+        for (id, (_, probed)) in wanted {
+            if let Some(uplink) = probed
+                && !tasks.contains_key(&id)
+            {
+                let task = tokio::spawn(watch_uplink(
+                    uplink.clone(),
+                    settings.clone(),
+                    self.figures.clone(),
+                    self.sender.clone(),
+                    self.liveness.clone(),
+                ));
+                tasks.insert(
+                    id,
+                    ProbingTask {
+                        uplink,
+                        settings: settings.clone(),
+                        task: task.abort_handle(),
+                    },
+                );
+            }
+        }
+    }
 }
 
-/// Starts probing every uplink that has `track` targets. Must run after the routing is in
+fn initial_figures(tracked: bool) -> UplinkHealth {
+    UplinkHealth {
+        state: State::Unknown,
+        tracked,
+        loss_percent: 0.0,
+        rtt_ms: None,
+        last_change_unix: None,
+        reason: (!tracked).then(|| "no track targets: only carrier is watched".to_string()),
+        transitions: 0,
+        passive: None,
+    }
+}
+
+/// Starts probing every uplink that has `track` targets and a configured source; the daemon
+/// then calls [`Monitor::follow`] with the learned ones. Must run after the routing is in
 /// place, or the first probes find no way out.
 pub fn spawn(config: &Config) -> Monitor {
-    let figures: Arc<Mutex<BTreeMap<u32, UplinkHealth>>> = Arc::default();
     let initial: BTreeMap<u32, State> = config
         .uplinks
         .iter()
         .map(|u| (u.id, State::Unknown))
         .collect();
     let (sender, verdicts) = watch::channel(initial);
-    let sender = Arc::new(sender);
-    let liveness = Liveness::default();
-    for uplink in &config.uplinks {
-        let tracked = !uplink.track.is_empty();
-        if let Ok(mut figures) = figures.lock() {
-            figures.insert(
-                uplink.id,
-                UplinkHealth {
-                    state: State::Unknown,
-                    tracked,
-                    loss_percent: 0.0,
-                    rtt_ms: None,
-                    last_change_unix: None,
-                    reason: (!tracked)
-                        .then(|| "no track targets: only carrier is watched".to_string()),
-                    transitions: 0,
-                    passive: None,
-                },
-            );
-        }
-        if tracked {
-            tokio::spawn(watch_uplink(
-                uplink.clone(),
-                config.health.clone(),
-                figures.clone(),
-                sender.clone(),
-                liveness.clone(),
-            ));
-        }
-    }
-    Monitor {
-        figures,
+    let monitor = Monitor {
+        figures: Arc::default(),
         verdicts,
-        liveness,
-    }
+        sender: Arc::new(sender),
+        tasks: Arc::default(),
+        liveness: Liveness::default(),
+    };
+    let uplinks: Vec<(Uplink, Option<std::net::Ipv4Addr>)> = config
+        .uplinks
+        .iter()
+        .map(|u| (u.clone(), u.source))
+        .collect();
+    monitor.follow(&uplinks, &config.health);
+    monitor
 }
 
 /// How long a probe waits for a late answer after its round was judged lost: long enough for
@@ -137,12 +227,16 @@ async fn watch_uplink(
     verdicts: Arc<watch::Sender<BTreeMap<u32, State>>>,
     liveness: Liveness,
 ) {
+    // Only uplinks with an address are probed (see `Monitor::follow`).
+    let Some(source) = uplink.source else {
+        return;
+    };
     let echo = if uplink
         .track
         .iter()
         .any(|t| matches!(t, ProbeTarget::Icmp(_)))
     {
-        match probe::EchoProber::new(uplink.id, uplink.source) {
+        match probe::EchoProber::new(uplink.id, source) {
             Ok(prober) => Some(Arc::new(prober)),
             Err(error) => {
                 tracing::error!(uplink = %uplink.name, %error, "cannot open an ICMP socket; ICMP targets count as lost");
@@ -161,7 +255,7 @@ async fn watch_uplink(
         tokio::select! {
             _ = ticker.tick() => {
                 let deadline = tracker.timeout(&health);
-                let (targets, source, echo, results) = (uplink.track.clone(), uplink.source, echo.clone(), results.clone());
+                let (targets, echo, results) = (uplink.track.clone(), echo.clone(), results.clone());
                 let liveness = liveness.clone();
                 let id = uplink.id;
                 tokio::spawn(async move {

@@ -34,11 +34,7 @@ fn link(index: u32, name: &str) -> Link {
 }
 
 fn address(ifindex: u32, network: &str) -> Address {
-    Address {
-        ifindex,
-        network: network.parse().unwrap(),
-        peer: None,
-    }
+    Address::new(ifindex, network.parse().unwrap())
 }
 
 /// Two uplinks whose modems share one subnet and one gateway address: the hard case.
@@ -592,7 +588,8 @@ fn office_routes_are_copied_into_every_uplink_table() {
 fn office_destinations_pass_and_uplink_routes_are_forced() {
     let config = Config::parse(CONFIG).unwrap();
     let mut state = observed_with_office();
-    let wanted = crate::dataplane::desired::desired(&config, &state, &[]);
+    let uplinks = crate::uplink::resolve(&config, &state, &[]);
+    let wanted = crate::dataplane::desired::desired(&config, &state, &uplinks);
     let action = |net: &str| {
         let net: Ipv4Net = net.parse().unwrap();
         wanted
@@ -632,6 +629,7 @@ fn a_point_to_point_uplink_takes_its_peer_as_gateway() {
         ifindex: 4,
         network: "198.19.23.2/32".parse().unwrap(),
         peer: Some("198.19.23.1".parse().unwrap()),
+        primary: true,
     };
     let planned = desired(&config, &observed, Strictness::Strict).unwrap();
     let table_2002: Vec<String> = planned
@@ -686,4 +684,40 @@ fn a_31_uplink_takes_the_other_address_as_gateway() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("is not a host in wan2's subnet"), "{error}");
+}
+
+#[test]
+fn every_operation_of_an_uplink_is_attributed_to_it_and_the_shared_ones_to_none() {
+    let config = Config::parse(CONFIG).unwrap();
+    let observed = observed();
+    let operations = plan(&config, &observed, Strictness::Strict).unwrap();
+    let of = |id: Option<u32>| -> Vec<String> {
+        operations
+            .iter()
+            .filter(|op| owner(op, &config) == id)
+            .map(|op| op.to_string())
+            .collect()
+    };
+    let shared = of(None);
+    assert!(
+        shared.iter().all(|op| op.contains("ip_forward")
+            || op.contains("priority 10000")
+            || op.contains("priority 109")),
+        "{shared:#?}"
+    );
+    let second = of(Some(2));
+    assert!(
+        second
+            .iter()
+            .all(|op| op.contains("wan2") || op.contains("2002")),
+        "{second:#?}"
+    );
+    assert!(
+        second.iter().any(|op| op.contains("priority 10302")),
+        "{second:#?}"
+    );
+    assert_eq!(
+        shared.len() + of(Some(1)).len() + second.len(),
+        operations.len()
+    );
 }

@@ -45,7 +45,8 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     config::{Config, proxy::Proxy as Settings},
     plan::Observed,
-    state::{Status, UplinkStatus},
+    state::Status,
+    uplink::UplinkState,
 };
 
 /// How often the counters are copied into the status document.
@@ -177,8 +178,9 @@ impl Proxy {
     }
 
     /// Serves clients on the proxy's own worker threads, and keeps `status.proxy` up to date,
-    /// until the process ends.
-    pub fn spawn(self, status: Arc<Mutex<Status>>) -> Result<(), ProxyError> {
+    /// until the process ends or the returned handle stops it (a reload). Connections already
+    /// accepted go on either way: the old runtime's threads stay for them.
+    pub fn spawn(self, status: Arc<Mutex<Status>>) -> Result<ProxyHandle, ProxyError> {
         tracing::info!(listen = %self.shared.settings.listen, policy = ?self.shared.settings.policy, "proxy serving");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
@@ -188,30 +190,31 @@ impl Proxy {
             .map_err(ProxyError::Runtime)?;
         let shared = self.shared.clone();
         let admission = Arc::new(listener::Admission::new(&shared.settings.limits));
+        let mut tasks = Vec::new();
         for listener in self.listeners {
             let shared = shared.clone();
             let admission = admission.clone();
-            runtime.spawn(async move {
+            tasks.push(runtime.spawn(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => listener::serve(listener, shared, admission).await,
                     Err(error) => tracing::error!(%error, "proxy listener lost"),
                 }
-            });
+            }));
         }
-        runtime.spawn(reaper::run(
+        tasks.push(runtime.spawn(reaper::run(
             shared.reaper.clone(),
             shared.view.clone(),
             shared.reset_after,
-        ));
+        )));
         if let Some(log) = &shared.access_log {
-            runtime.spawn(log.clone().reopen_on_sighup());
+            tasks.push(runtime.spawn(log.clone().reopen_on_sighup()));
         }
         std::thread::Builder::new()
             .name("proxy".into())
             .spawn(move || runtime.block_on(std::future::pending::<()>()))
             .map_err(ProxyError::Runtime)?;
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        let publish = tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
             loop {
                 tick.tick().await;
@@ -221,7 +224,24 @@ impl Proxy {
                 }
             }
         });
-        Ok(())
+        tasks.push(publish);
+        Ok(ProxyHandle { tasks })
+    }
+}
+
+/// A serving proxy's listener and publisher.
+pub struct ProxyHandle {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting and publishing, and waits until the listening socket is closed, so a new
+    /// proxy can bind the same address.
+    pub async fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
     }
 }
 
@@ -246,10 +266,15 @@ fn raise_file_limit(max_connections: u32) {
 
 /// The destinations the proxy refuses unless `proxy.allow` opens them: the LAN networks and
 /// each uplink's subnet (the modems' admin pages), so the proxy, which connects from the
-/// gateway itself, is no way around the firewall between office segments. Office destinations
-/// (routes through non-uplink interfaces) belong here too.
+/// gateway itself, is no way around the firewall between office segments; and the office
+/// destinations (routes through non-uplink interfaces: a branch office, a VPN).
 pub fn refused_networks(config: &Config, observed: &Observed) -> Vec<Ipv4Net> {
     let mut refused = config.lan.networks.clone();
+    refused.extend(
+        crate::office::office_routes(config, observed)
+            .iter()
+            .map(|route| route.destination.trunc()),
+    );
     for uplink in &config.uplinks {
         let Some(link) = observed
             .links
@@ -271,42 +296,33 @@ pub fn refused_networks(config: &Config, observed: &Observed) -> Vec<Ipv4Net> {
     refused
 }
 
-/// The proxy's view of the uplinks after a reconcile: usable when the daemon's last observation
-/// found it available with carrier and the health probes do not judge it down (`down`, which
-/// the daemon leaves empty when every uplink is down, so the office is never cut off).
-pub fn uplinks_from(config: &Config, observed: &[UplinkStatus], down: &[u32]) -> Vec<ProxyUplink> {
+/// The proxy's view of the uplinks after a reconcile, from the one uplink model: usable when
+/// it takes new flows (the daemon ignores health verdicts when every uplink is down, so the
+/// office is never cut off) and has an address to bind to; lost when the kernel can no longer
+/// carry it (interface or address gone), which closes what runs on it at once.
+pub fn uplinks_from(config: &Config, states: &[UplinkState]) -> Vec<ProxyUplink> {
     config
         .uplinks
         .iter()
-        .map(|uplink| ProxyUplink {
+        .zip(states)
+        .map(|(uplink, state)| ProxyUplink {
             id: uplink.id,
             name: uplink.name.clone(),
-            source: uplink.source,
+            source: state.source.unwrap_or(Ipv4Addr::UNSPECIFIED),
             weight: uplink.weight,
-            usable: !down.contains(&uplink.id)
-                && observed
-                    .iter()
-                    .any(|s| s.id == uplink.id && s.carrier && s.unavailable.is_none()),
-            lost: observed
-                .iter()
-                .any(|s| s.id == uplink.id && s.unavailable.is_some()),
+            usable: state.usable && state.source.is_some(),
+            lost: !state.routable,
             dns: uplink.dns.clone(),
         })
         .collect()
 }
 
 /// Sends the uplinks' state and the refused networks to a running proxy, if there is one.
-pub fn feed(
-    feed: &Option<Feed>,
-    config: &Config,
-    observed: &[UplinkStatus],
-    down: &[u32],
-    refused: Vec<Ipv4Net>,
-) {
+pub fn feed(feed: &Option<Feed>, config: &Config, states: &[UplinkState], refused: Vec<Ipv4Net>) {
     if let Some(feed) = feed {
         feed.send_if_modified(|current| {
             let next = View {
-                uplinks: uplinks_from(config, observed, down),
+                uplinks: uplinks_from(config, states),
                 refused,
             };
             let changed = *current != next;

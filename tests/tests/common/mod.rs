@@ -3,6 +3,7 @@
 //! [`transparent`]: the transparent data-plane tests' `Gateway` fixture and shared checks.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod field;
 pub mod transparent;
 
 use std::{
@@ -103,7 +104,10 @@ pub fn start_daemon(lab: &Lab, config: &str) -> ChildGuard {
         if output.status.success() {
             let status: serde_json::Value =
                 serde_json::from_slice(&output.stdout).expect("status JSON");
-            assert_eq!(status["version"], 1);
+            assert_eq!(
+                status["version"], 2,
+                "status version 2 only adds fields to 1"
+            );
             return daemon;
         }
         if let Some(exit) = daemon.try_wait().expect("polling the daemon") {
