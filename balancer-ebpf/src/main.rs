@@ -3,6 +3,9 @@
 //! maps live in their own modules.
 #![no_std]
 #![no_main]
+// The BPF atomic OR (`tcp_window::record`): core's atomic types lack read-modify-write here.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod flow;
 mod fragments;
@@ -15,6 +18,7 @@ mod nat;
 mod own_socket;
 mod parse;
 mod reference;
+mod tcp_window;
 mod uplink_egress;
 mod uplink_ingress;
 mod verdict;

@@ -8,7 +8,7 @@ use balancer_common::{
     flow::{
         FLOW_FLAG_ANSWERED, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, ReverseKey,
     },
-    policy::{TCP_FIN, TCP_RST, TCP_SYN, flow_after_packet},
+    policy::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, flow_after_packet, rst_in_window, scaled_window},
     stats::{
         PASS_ICMP_OTHER, PASS_NOT_TRANSLATED, UPLINK_RX_BYTES, UPLINK_RX_PACKETS,
         UPLINK_RX_UNSOLICITED, UPLINK_TCP_ANSWERED,
@@ -23,7 +23,8 @@ use crate::{
     maps::{FLOWS, NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
     nat::{Side, rewrite},
     own_socket,
-    parse::{parse_ipv4, parse_l4},
+    parse::{Packet, parse_ipv4, parse_l4},
+    tcp_window,
 };
 
 #[inline(always)]
@@ -110,7 +111,7 @@ fn translate(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
     let changes_state =
         protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
     if value.flags & REVERSE_FLAG_ANSWERED == 0 || changes_state {
-        update_flow(&flow, &reverse, protocol, packet.tcp_flags, now)?;
+        update_flow(ctx, &flow, &reverse, &packet, now)?;
         value.flags |= REVERSE_FLAG_ANSWERED;
     }
     // Written once per clock tick, not per packet: a line other CPUs read stays clean.
@@ -129,18 +130,21 @@ fn translate(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
     Ok(Some(id))
 }
 
-/// Records a reply in flow `key`: activity, TCP state, the first answer.
+/// Records a reply in flow `key`: activity, TCP state, the first answer. An RST changes the
+/// state only within the client's window after what the client expects next (an exact match
+/// always counts); before the client's first ACK, only one that acknowledges its SYN.
 #[inline(always)]
 fn update_flow(
+    ctx: &TcContext,
     key: &FlowKey,
     reverse: &ReverseKey,
-    protocol: u8,
-    tcp_flags: u8,
+    packet: &Packet,
     now: u64,
 ) -> Result<(), u32> {
-    let entry = FLOWS.get_ptr_mut(key).ok_or(PASS_NOT_TRANSLATED)?;
+    let protocol = packet.ip.protocol;
+    let entry_ptr = FLOWS.get_ptr_mut(key).ok_or(PASS_NOT_TRANSLATED)?;
     // SAFETY: a pointer into the map value, valid for this run (see `FlowEntry` on sharing).
-    let entry = unsafe { &mut *entry };
+    let entry = unsafe { &mut *entry_ptr };
     // A reverse entry left behind by a replaced or evicted flow must not steer replies into a
     // flow that now uses another translation.
     if entry.nat_port != reverse.nat_port || entry.uplink_addr != reverse.uplink_addr {
@@ -148,9 +152,30 @@ fn update_flow(
     }
     entry.last_seen_ns = now;
     let was_answered = entry.flags & FLOW_FLAG_ANSWERED != 0;
+    let mut tcp_flags = packet.tcp_flags;
+    if protocol == PROTOCOL_TCP {
+        if tcp_flags & TCP_RST != 0 {
+            let acceptable = if entry.remote_seq_next == 0 {
+                tcp_flags & TCP_ACK != 0 && packet.ack == entry.client_seq_next
+            } else {
+                let window = scaled_window(
+                    entry.client_window,
+                    entry.client_wscale,
+                    entry.remote_wscale,
+                );
+                rst_in_window(packet.seq, entry.remote_seq_next, window)
+            };
+            if !acceptable {
+                tcp_flags &= !TCP_RST;
+            }
+        }
+        if tcp_flags & TCP_SYN != 0 {
+            entry.remote_wscale = tcp_window::scale(ctx, packet);
+        }
+        entry.remote_window = packet.window;
+    }
     let (state, flags) = flow_after_packet(protocol, entry.state, entry.flags, tcp_flags, true);
-    entry.state = state;
-    entry.flags = flags;
+    tcp_window::record(entry_ptr, state, flags, false);
     if protocol == PROTOCOL_TCP && !was_answered {
         bump_uplink(u32::from(entry.uplink_id), UPLINK_TCP_ANSWERED, 1);
     }

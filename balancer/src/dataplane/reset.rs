@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use aya::maps::HashMap;
 use balancer_common::{
-    flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP},
+    flow::{FLOW_FLAG_RESET, FlowEntry, FlowKey, PROTOCOL_TCP},
     maps as names,
     uplink::UplinkInfo,
 };
@@ -111,7 +111,7 @@ impl Dataplane {
                 .filter(|(key, entry)| {
                     key.protocol == PROTOCOL_TCP
                         && u32::from(entry.uplink_id) == id
-                        && entry.state != FLOW_STATE_CLOSED
+                        && entry.flags & FLOW_FLAG_RESET == 0
                 })
                 .collect()
         };
