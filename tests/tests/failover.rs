@@ -249,7 +249,7 @@ struct Talk {
 }
 
 /// Opens `count` connections from `client` to the source server, each read 2 KiB every
-/// 50 ms by its own thread until `stop` or an error.
+/// 50 ms by its own thread until an error, with a receive buffer of a few KiB.
 fn long_lived(client: &str, count: usize, since: Instant) -> Arc<Mutex<Vec<Talk>>> {
     let talks = Arc::new(Mutex::new(vec![Talk::default(); count]));
     let netns = format!("/run/netns/{client}");
@@ -260,7 +260,19 @@ fn long_lived(client: &str, count: usize, since: Instant) -> Arc<Mutex<Vec<Talk>
             let namespace = std::fs::File::open(&netns).unwrap();
             nix::sched::setns(namespace.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let server: SocketAddr = "198.18.9.1:9001".parse().unwrap();
-            let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3)).unwrap();
+            // A small receive buffer: what is read after an event must have crossed the
+            // network after it, not waited in the buffer from before.
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+                .connect_timeout(&server.into(), Duration::from_secs(3))
+                .unwrap();
+            let stream = TcpStream::from(socket);
             stream
                 .set_read_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
