@@ -398,15 +398,18 @@ impl Dataplane {
 
     /// Up to `limit` distinct remote ends (address, port) of answered TCP flows on uplinks
     /// other than `id`: places known to answer TCP right now, for a connect through `id`.
+    /// Looks at no more than `REMOTES_SCAN` entries: each costs two syscalls, and the daemon's
+    /// loop must not stall on a full table.
     pub fn answered_tcp_remotes(
         &self,
         id: u32,
         limit: usize,
     ) -> Result<Vec<std::net::SocketAddrV4>, DataplaneError> {
         use balancer_common::flow::{FLOW_FLAG_ANSWERED, PROTOCOL_TCP};
+        const REMOTES_SCAN: usize = 4096;
         let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
         let mut remotes = Vec::new();
-        for (key, entry) in flows.iter().filter_map(Result::ok) {
+        for (key, entry) in flows.iter().take(REMOTES_SCAN).filter_map(Result::ok) {
             if key.protocol != PROTOCOL_TCP
                 || u32::from(entry.uplink_id) == id
                 || entry.flags & FLOW_FLAG_ANSWERED == 0
