@@ -14,7 +14,10 @@
 //! sends nothing that could trigger a reset. It is sent from user space through a raw socket:
 //! the packet leaves by the LAN route to the client like any reply.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Instant,
+};
 
 use aya::maps::HashMap;
 use balancer_common::{
@@ -47,10 +50,8 @@ impl Dataplane {
             .disabled_since
             .iter()
             .filter(|(id, since)| {
-                let silent_since = liveness
-                    .last_answer(**id)
-                    .map_or(**since, |answered| answered.max(**since));
-                silent_since.elapsed() >= after && !self.reset_done.contains(id)
+                !self.reset_done.contains(id)
+                    && silent_past(**since, liveness.last_answer(**id), after, Instant::now())
             })
             .map(|(id, _)| *id)
             .collect();
@@ -95,7 +96,7 @@ impl Dataplane {
             } else {
                 self.disabled_since
                     .entry(slot.id)
-                    .or_insert_with(std::time::Instant::now);
+                    .or_insert_with(Instant::now);
             }
         }
     }
@@ -140,6 +141,20 @@ impl Dataplane {
         }
         Ok(sent)
     }
+}
+
+/// Whether an uplink out of the rotation since `out_since`, last answering at `last_answer`,
+/// has been silent for `after` at `now`: the clock starts when it left the rotation and
+/// restarts at every answer (probe, reply, own connection), so a line that answers is never
+/// released, and one that left and came back starts afresh when it leaves again.
+fn silent_past(
+    out_since: Instant,
+    last_answer: Option<Instant>,
+    after: std::time::Duration,
+    now: Instant,
+) -> bool {
+    let silent_since = last_answer.map_or(out_since, |answered| answered.max(out_since));
+    now.saturating_duration_since(silent_since) >= after
 }
 
 /// An IPv4 + TCP RST|ACK from the flow's server to its client, with the sequence number the
@@ -213,5 +228,31 @@ mod tests {
         pseudo.extend_from_slice(&[0, PROTOCOL_TCP, 0, 20]);
         pseudo.extend_from_slice(tcp);
         assert_eq!(internet_checksum(&pseudo), 0, "TCP checksum");
+    }
+
+    #[test]
+    fn the_reset_clock_restarts_at_every_answer() {
+        let after = std::time::Duration::from_millis(1000);
+        let out = Instant::now();
+        let at = |ms: u64| out + std::time::Duration::from_millis(ms);
+        assert!(!silent_past(out, None, after, at(999)));
+        assert!(
+            silent_past(out, None, after, at(1000)),
+            "silent for the delay"
+        );
+        assert!(
+            silent_past(
+                out,
+                Some(out - std::time::Duration::from_secs(5)),
+                after,
+                at(1000)
+            ),
+            "an answer from before the outage stops nothing"
+        );
+        assert!(
+            !silent_past(out, Some(at(600)), after, at(1500)),
+            "an answer during the delay restarts the clock"
+        );
+        assert!(silent_past(out, Some(at(600)), after, at(1600)));
     }
 }
