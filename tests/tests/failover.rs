@@ -533,3 +533,82 @@ fn a_passive_verdict_clears_with_icmp_only_track_whose_host_drops_tcp() {
         "uplink 3 carries new flows again: {spread:?}"
     );
 }
+
+#[test]
+fn connections_stuck_on_a_line_that_died_while_the_daemon_was_stopped_are_reset_after_its_restart()
+{
+    let mut spec = LabSpec::new(&prefix("fr"), 3);
+    spec.rates_mbit = Vec::new();
+    let lab = Lab::up(spec).unwrap();
+    let config = write_config(&lab, "balancer.toml", &tracked_config(&lab, "198.18.9.1"));
+    let mut daemon = start_daemon(&lab, &config);
+    for uplink in 1..=3 {
+        wait_until_up(&lab, uplink, Duration::from_secs(5));
+    }
+    let since = Instant::now();
+    let talks = long_lived(&lab.client(1), 9, since);
+    // The daemon stops (the data plane runs on), and meanwhile uplink 3 dies.
+    assert!(daemon.terminate(Duration::from_secs(5)).unwrap().success());
+    black_hole(&lab, 3, true);
+    thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let started_at = since.elapsed();
+    let _daemon = start_daemon(&lab, &config);
+    let addr3 = lab.uplink_source(3);
+    let on_3 = talks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.uplink_addr == Some(addr3))
+        .count();
+    assert!(on_3 >= 1, "some connections use uplink 3");
+    // Judged down within a second of the start, reset after the delay: within 3 s.
+    while talks
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|t| t.uplink_addr == Some(addr3) && t.ended.is_none())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "connections on the dead uplink still hang: {:?}",
+            talks.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    for talk in talks.lock().unwrap().iter() {
+        match &talk.ended {
+            Some((at, why)) => {
+                assert_eq!(talk.uplink_addr, Some(addr3), "{talk:?}");
+                assert!(why.contains("reset"), "{why}");
+                println!(
+                    "reset {:?} after the restart",
+                    at.saturating_sub(started_at)
+                );
+            }
+            None => assert_ne!(talk.uplink_addr, Some(addr3)),
+        }
+    }
+    all_talking_except(&talks, addr3);
+    black_hole(&lab, 3, false);
+}
+
+/// The connections not on the uplink with address `dead` still receive data.
+fn all_talking_except(talks: &Arc<Mutex<Vec<Talk>>>, dead: Ipv4Addr) {
+    let bytes = |talks: &Arc<Mutex<Vec<Talk>>>| -> Vec<u64> {
+        talks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.uplink_addr != Some(dead))
+            .map(|t| t.bytes)
+            .collect()
+    };
+    let before = bytes(talks);
+    thread::sleep(Duration::from_secs(1));
+    let after = bytes(talks);
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| a > b),
+        "the other connections go on talking: {before:?} -> {after:?}"
+    );
+}
