@@ -430,7 +430,7 @@ async fn serve(
             }
             _ = reset_check.tick() => {
                 if let Some(dataplane) = &mut daemon.dataplane
-                    && let Err(error) = dataplane.reset_due(reset_after, &liveness)
+                    && let Err(error) = dataplane.reset_due(reset_after, &liveness, daemon.passive.condemned())
                 {
                     tracing::warn!(error = %error_chain(&error), "resetting connections on an uplink out of the rotation");
                 }

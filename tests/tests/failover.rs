@@ -1,8 +1,9 @@
 //! Failover that never hurts, in the lab with real connections: a saturated line with a 1 s
 //! modem queue is never reported down while a black hole elsewhere is still found within 1 s;
 //! a carrier blip or a black hole shorter than the reset delay costs no connection; a longer
-//! outage still resets its connections and leaves the others alone; a passive verdict clears
-//! with ICMP-only `track` whose probe host drops TCP.
+//! outage still resets its connections and leaves the others alone; a passive verdict resets
+//! the connections stuck on its line and clears with ICMP-only `track` whose probe host drops
+//! TCP; a daemon restarted after a line died resets what is stuck on it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -460,6 +461,8 @@ fn a_passive_verdict_clears_with_icmp_only_track_whose_host_drops_tcp() {
     for uplink in 1..=3 {
         wait_until_up(&lab, uplink, Duration::from_secs(5));
     }
+    let since = Instant::now();
+    let talks = long_lived(&lab.client(2), 6, since);
     // ISP 3 passes ICMP but drops TCP; new connections keep coming.
     lab.exec_ok(
         &lab.isp(3),
@@ -500,6 +503,45 @@ fn a_passive_verdict_clears_with_icmp_only_track_whose_host_drops_tcp() {
         thread::sleep(Duration::from_millis(50));
     }
     println!("condemned {:?} after the fault", cut.elapsed());
+    // Its probes answer, but its traffic does not: the connections stuck on it are reset
+    // after the delay all the same, and the others go on.
+    let condemned = Instant::now();
+    let addr3 = lab.uplink_source(3);
+    assert!(
+        talks
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.uplink_addr == Some(addr3)),
+        "some of the connections use uplink 3: {:?}",
+        talks.lock().unwrap()
+    );
+    while talks
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|t| t.uplink_addr == Some(addr3) && t.ended.is_none())
+    {
+        assert!(
+            condemned.elapsed() < Duration::from_secs(3),
+            "connections stuck on the condemned uplink were not reset: {:?}",
+            talks.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    for talk in talks.lock().unwrap().iter() {
+        if talk.uplink_addr == Some(addr3) {
+            let (_, why) = talk.ended.clone().unwrap();
+            assert!(why.contains("reset"), "{why}");
+        } else {
+            assert!(talk.ended.is_none(), "{talk:?}");
+        }
+    }
+    println!(
+        "stuck connections reset {:?} after the verdict",
+        condemned.elapsed()
+    );
+    all_talking_except(&talks, addr3);
 
     // The fault clears: the uplink rejoins within 5 s and stays in.
     lab.exec_ok(&lab.isp(3), &["ip", "rule", "del", "priority", "50"])

@@ -32,13 +32,15 @@ use crate::packet::internet_checksum;
 
 impl Dataplane {
     /// Releases the flows of every uplink that has been out of the rotation, with nothing
-    /// answered on it, for at least `after`; once per outage. Nothing is released while no
-    /// uplink is usable: then the uplinks with carrier keep carrying what they can, and
-    /// resetting would only make things worse. Returns how many clients were reset.
+    /// answered on it, for at least `after`; once per outage. For an uplink the passive signal
+    /// condemned (`passive`), only traffic counts: its probes answer by definition. Nothing is
+    /// released while no uplink is usable: then the uplinks with carrier keep carrying what they
+    /// can, and resetting would only make things worse. Returns how many clients were reset.
     pub fn reset_due(
         &mut self,
         after: std::time::Duration,
         liveness: &crate::health::Liveness,
+        passive: &std::collections::BTreeSet<u32>,
     ) -> Result<usize, DataplaneError> {
         let Some(written) = &self.written else {
             return Ok(0);
@@ -50,8 +52,13 @@ impl Dataplane {
             .disabled_since
             .iter()
             .filter(|(id, since)| {
+                let last_answer = if passive.contains(id) {
+                    liveness.last_traffic(**id)
+                } else {
+                    liveness.last_answer(**id)
+                };
                 !self.reset_done.contains(id)
-                    && silent_past(**since, liveness.last_answer(**id), after, Instant::now())
+                    && silent_past(**since, last_answer, after, Instant::now())
             })
             .map(|(id, _)| *id)
             .collect();
