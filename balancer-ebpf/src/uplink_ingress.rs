@@ -27,39 +27,41 @@ use crate::{
     tcp_window,
 };
 
+/// `translate`'s verdict for a packet of one of the gateway's own connections: passed
+/// untouched like any untranslated packet, but an answer for health, not unsolicited.
+const OWN_REPLY: u32 = u32::MAX;
+
 #[inline(always)]
 pub fn try_uplink_ingress(ctx: &TcContext) -> Result<(), u32> {
-    let mut own_reply = false;
-    let result = translate(ctx, &mut own_reply);
+    let result = translate(ctx);
     // A reply of a flow is counted on the flow's uplink, which is the interface it arrived on:
     // that saves the hot path a hash lookup. Everything else finds its uplink by interface.
-    let (id, answer) = match result {
-        Ok(Some(id)) => (Some(u32::from(id)), true),
-        _ => {
-            // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            // SAFETY: the value is a plain u32, copied out at once.
-            (
-                unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied(),
-                own_reply,
-            )
-        }
-    };
-    if let Some(id) = id {
+    if let Ok(Some(id)) = result {
+        bump_uplink(u32::from(id), UPLINK_RX_PACKETS, 1);
+        bump_uplink(u32::from(id), UPLINK_RX_BYTES, u64::from(ctx.len()));
+        return Ok(());
+    }
+    // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is a plain u32, copied out at once.
+    if let Some(id) = unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied() {
         bump_uplink(id, UPLINK_RX_PACKETS, 1);
         bump_uplink(id, UPLINK_RX_BYTES, u64::from(ctx.len()));
-        if !answer {
+        if result != Err(OWN_REPLY) {
             bump_uplink(id, UPLINK_RX_UNSOLICITED, 1);
         }
     }
-    result.map(|_| ())
+    match result {
+        Err(OWN_REPLY) => Err(PASS_NOT_TRANSLATED),
+        other => other.map(|_| ()),
+    }
 }
 
 /// Reverse-translates the packet if it belongs to a flow; `Ok(Some(uplink id))` for a reply
-/// of a flow, `Ok(None)` for the other packets it translated. Sets `own_reply` for a packet of
+/// of a flow, `Ok(None)` for the other packets it translated, `Err(OWN_REPLY)` for a packet of
 /// one of the gateway's own connections (passed untouched).
 #[inline(always)]
-fn translate(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
+fn translate(ctx: &TcContext) -> Result<Option<u8>, u32> {
     let ip = parse_ipv4(ctx)?;
     if ip.later_fragment {
         return fragments::translate(ctx, &ip, Side::Destination, 0).map(|()| None);
@@ -95,8 +97,11 @@ fn translate(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
         _pad: [0; 3],
     };
     let Some(value) = NAT_REVERSE.get_ptr_mut(&reverse) else {
-        *own_reply = own_socket::answers(ctx, &packet);
-        return Err(PASS_NOT_TRANSLATED);
+        return Err(if own_socket::answers(ctx, &packet) {
+            OWN_REPLY
+        } else {
+            PASS_NOT_TRANSLATED
+        });
     };
     // SAFETY: a pointer into the map value, valid for this run; what the translation needs is
     // copied out at once, since LRU entries may be reused under us.
