@@ -71,7 +71,8 @@ pub const FLOW_STATE_NEW: u8 = 0;
 pub const FLOW_STATE_ESTABLISHED: u8 = 1;
 /// A FIN was seen in either direction.
 pub const FLOW_STATE_CLOSING: u8 = 2;
-/// A RST was seen.
+/// Reserved: no longer entered. An RST moves a flow to closing, never ends it outright (RFC 7857
+/// section 2.3); `FLOW_FLAG_RESET` records it.
 pub const FLOW_STATE_CLOSED: u8 = 3;
 
 /// `FlowEntry::flags`.
@@ -87,6 +88,8 @@ pub const FLOW_FLAG_FORCED: u8 = 1 << 4;
 ///
 /// Written from several CPUs without locks: fields are independent and a lost update of
 /// `last_seen_ns` or a sequence number only shifts a timeout or a later reset by one packet.
+/// The TCP state never goes backwards: flags are set with an atomic OR, and what decides a
+/// timeout or a port takeover reads the flags, so a stale `state` written late is harmless.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -109,10 +112,26 @@ pub struct FlowEntry {
     /// The translated source port (echo identifier for ICMP), network order.
     pub nat_port: u16,
     pub uplink_id: u8,
+    /// `FLOW_STATE_*`; only ever raised, except by a SYN that reuses a closed flow's ports.
     pub state: u8,
+    /// `FLOW_FLAG_*`. Starts an 8-byte aligned word (with the window fields below)
+    /// so the programs OR new bits in atomically: a bit set on one CPU is never lost to another.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    /// TCP: the window scale shift each end announced in its SYN, `WSCALE_NONE` if it did not.
+    pub client_wscale: u8,
+    pub remote_wscale: u8,
+    pub _pad: u8,
+    /// TCP: the window the client last advertised (unscaled, host order): with
+    /// `remote_seq_next`, where an RST from the remote end must fall (RFC 5382).
+    pub client_window: u16,
+    /// TCP: the window of the remote end's last answer that went through `FLOWS` (its first
+    /// answer, SYN, FIN or RST; unscaled, host order).
+    pub remote_window: u16,
 }
+
+/// `FlowEntry::client_wscale` / `remote_wscale`: that end's SYN carried no window scale option
+/// (or was not seen), so neither direction's window is scaled (RFC 7323).
+pub const WSCALE_NONE: u8 = 0xff;
 
 /// One fragmented datagram as a program sees it: the fields that, with the source, name a
 /// datagram for reassembly (RFC 791). Key of `FRAGMENTS`.
@@ -179,6 +198,7 @@ const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<ReverseKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 48);
+const _: () = assert!(core::mem::offset_of!(FlowEntry, flags) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<ReverseEntry>() == 32);
 
 #[cfg(feature = "user")]

@@ -2,7 +2,7 @@
 
 /// Bumped whenever a map's key, value or size changes meaning: pins live under a directory
 /// named after it, so a new layout never silently reuses an old map.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 pub const FLOWS: &str = "FLOWS";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";

@@ -8,18 +8,19 @@ use crate::{
     flow::{
         FLOW_FLAG_ANSWERED, FLOW_FLAG_CLIENT_FIN, FLOW_FLAG_FORCED, FLOW_FLAG_REMOTE_FIN,
         FLOW_FLAG_RESET, FLOW_STATE_CLOSED, FLOW_STATE_CLOSING, FLOW_STATE_ESTABLISHED,
-        FLOW_STATE_NEW, FlowEntry, PROTOCOL_TCP, PROTOCOL_UDP,
+        FLOW_STATE_NEW, FlowEntry, PROTOCOL_TCP, PROTOCOL_UDP, WSCALE_NONE,
     },
     uplink::{MARK_MASK, Settings},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
-/// A SYN nobody answered: long enough for the client's SYN retries.
-pub const DEFAULT_TCP_SYN_TIMEOUT_NS: u64 = 30 * NS_PER_SEC;
+/// A SYN nobody answered, a transitory state: RFC 5382 REQ-5 asks for at least 4 minutes.
+pub const DEFAULT_TCP_SYN_TIMEOUT_NS: u64 = 240 * NS_PER_SEC;
 /// RFC 5382 REQ-5: at least 2 h 4 min for an established TCP flow.
 pub const DEFAULT_TCP_ESTABLISHED_TIMEOUT_NS: u64 = 7440 * NS_PER_SEC;
-/// After FIN or RST: covers the last ACKs and retransmitted FINs.
-pub const DEFAULT_TCP_CLOSING_TIMEOUT_NS: u64 = 60 * NS_PER_SEC;
+/// After FIN or RST, a transitory state: at least 4 minutes (RFC 5382 REQ-5). A flow that is
+/// over still gives its port to a new one once the range is crowded (see `flow_over`).
+pub const DEFAULT_TCP_CLOSING_TIMEOUT_NS: u64 = 240 * NS_PER_SEC;
 /// RFC 4787 REQ-5 asks for at least 2 min.
 pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 120 * NS_PER_SEC;
 pub const DEFAULT_ICMP_TIMEOUT_NS: u64 = 30 * NS_PER_SEC;
@@ -43,7 +44,7 @@ fn or_default(value: u64, default: u64) -> u64 {
 #[inline(always)]
 pub fn flow_timeout_ns(entry: &FlowEntry, protocol: u8, settings: &Settings) -> u64 {
     match protocol {
-        PROTOCOL_TCP => match entry.state {
+        PROTOCOL_TCP => match tcp_phase(entry.state, entry.flags) {
             FLOW_STATE_NEW => or_default(settings.tcp_syn_timeout_ns, DEFAULT_TCP_SYN_TIMEOUT_NS),
             FLOW_STATE_ESTABLISHED => or_default(
                 settings.tcp_established_timeout_ns,
@@ -58,6 +59,48 @@ pub fn flow_timeout_ns(entry: &FlowEntry, protocol: u8, settings: &Settings) -> 
         // ICMP echo, and anything else that ever ends up in the table.
         _ => or_default(settings.icmp_timeout_ns, DEFAULT_ICMP_TIMEOUT_NS),
     }
+}
+
+/// The TCP state that decides a timeout: the recorded state, raised to what the flags (set
+/// atomically, never lost) prove, so a state written late by another CPU cannot lower it.
+#[inline(always)]
+pub fn tcp_phase(state: u8, flags: u8) -> u8 {
+    let proven = if flags & (FLOW_FLAG_CLIENT_FIN | FLOW_FLAG_REMOTE_FIN | FLOW_FLAG_RESET) != 0 {
+        FLOW_STATE_CLOSING
+    } else if flags & FLOW_FLAG_ANSWERED != 0 {
+        FLOW_STATE_ESTABLISHED
+    } else {
+        FLOW_STATE_NEW
+    };
+    if state > proven { state } else { proven }
+}
+
+/// A TCP flow that is over (reset, or FIN from both ends): its translated port may go to a
+/// new flow once the range is crowded.
+#[inline(always)]
+pub fn flow_over(flags: u8) -> bool {
+    let both_fins = FLOW_FLAG_CLIENT_FIN | FLOW_FLAG_REMOTE_FIN;
+    flags & FLOW_FLAG_RESET != 0 || flags & both_fins == both_fins
+}
+
+/// A window in bytes: `raw` shifted by the sender's announced scale, when both ends announced
+/// one (RFC 7323); unscaled otherwise. Shifts above 14 are taken as 14.
+#[inline(always)]
+pub fn scaled_window(raw: u16, own_scale: u8, other_scale: u8) -> u32 {
+    if own_scale == WSCALE_NONE || other_scale == WSCALE_NONE {
+        return u32::from(raw);
+    }
+    let shift = if own_scale > 14 { 14 } else { own_scale };
+    u32::from(raw) << shift
+}
+
+/// Whether an RST with sequence number `seq` may change a flow's state (the window check of
+/// RFC 5961 section 3, which a NAT applies before it lets an RST end anything): an exact match with `next`, the receiver's next expected sequence number,
+/// always counts; otherwise it must lie within the receiver's window `window` (bytes) after
+/// `next`. Out of window, the RST is passed on (the receiver judges it) but the flow stays.
+#[inline(always)]
+pub fn rst_in_window(seq: u32, next: u32, window: u32) -> bool {
+    seq == next || seq.wrapping_sub(next) < window
 }
 
 /// Whether the flow has been idle longer than its timeout at `now_ns` (`bpf_ktime_get_ns`,
@@ -237,7 +280,9 @@ pub fn flow_after_packet(
         return (state, flags | answered);
     }
     if tcp_flags & TCP_RST != 0 {
-        return (FLOW_STATE_CLOSED, flags | FLOW_FLAG_RESET | answered);
+        // Closing, never ended outright (RFC 7857 section 2.3): a stray RST must not cut a
+        // connection whose endpoints go on; the closing timeout ends it if they do not.
+        return (FLOW_STATE_CLOSING, flags | FLOW_FLAG_RESET | answered);
     }
     let pure_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if !from_remote && pure_syn && (state == FLOW_STATE_CLOSING || state == FLOW_STATE_CLOSED) {
@@ -251,12 +296,7 @@ pub fn flow_after_packet(
         } else {
             FLOW_FLAG_CLIENT_FIN
         };
-        let state = if state == FLOW_STATE_CLOSED {
-            FLOW_STATE_CLOSED
-        } else {
-            FLOW_STATE_CLOSING
-        };
-        return (state, flags | fin | answered);
+        return (FLOW_STATE_CLOSING, flags | fin | answered);
     }
     let state = if from_remote && state == FLOW_STATE_NEW {
         FLOW_STATE_ESTABLISHED
@@ -394,10 +434,14 @@ mod tests {
                 (CLOSING, 3, TCP_FIN | TCP_ACK, true),
                 (CLOSING, 3 | FLOW_FLAG_REMOTE_FIN),
             ),
-            ((EST, 1, TCP_RST, true), (CLOSED, 1 | FLOW_FLAG_RESET)),
+            ((EST, 1, TCP_RST, true), (CLOSING, 1 | FLOW_FLAG_RESET)),
             (
-                (CLOSED, 9, TCP_FIN, false),
-                (CLOSED, 9 | FLOW_FLAG_CLIENT_FIN),
+                (CLOSING, 9, TCP_FIN, false),
+                (CLOSING, 9 | FLOW_FLAG_CLIENT_FIN),
+            ),
+            (
+                (CLOSING, 9 | FLOW_FLAG_FORCED, TCP_SYN, false),
+                (NEW, FLOW_FLAG_FORCED),
             ),
             (
                 (CLOSED, 9 | FLOW_FLAG_FORCED, TCP_SYN, false),
@@ -477,5 +521,37 @@ mod tests {
             inbound_timeout_ns(PROTOCOL_UDP, &Settings::default()),
             DEFAULT_UDP_TIMEOUT_NS
         );
+    }
+
+    #[test]
+    fn rsts_count_only_within_the_window() {
+        // Exact match always; within the window after `next`; not before it, not beyond.
+        assert!(rst_in_window(1000, 1000, 0));
+        assert!(rst_in_window(1500, 1000, 1000));
+        assert!(!rst_in_window(2000, 1000, 1000));
+        assert!(!rst_in_window(999, 1000, 1000));
+        assert!(rst_in_window(5, u32::MAX - 5, 100), "across the wrap");
+        assert_eq!(scaled_window(1000, 7, 2), 128_000);
+        assert_eq!(
+            scaled_window(1000, 7, WSCALE_NONE),
+            1000,
+            "scaling needs both ends"
+        );
+        assert_eq!(scaled_window(1, 20, 0), 1 << 14);
+    }
+
+    #[test]
+    fn the_flags_keep_the_phase_from_going_backwards() {
+        use crate::flow::FLOW_FLAG_ANSWERED as ANSWERED;
+        assert_eq!(tcp_phase(FLOW_STATE_NEW, 0), FLOW_STATE_NEW);
+        assert_eq!(tcp_phase(FLOW_STATE_NEW, ANSWERED), FLOW_STATE_ESTABLISHED);
+        assert_eq!(
+            tcp_phase(FLOW_STATE_ESTABLISHED, ANSWERED | FLOW_FLAG_REMOTE_FIN),
+            FLOW_STATE_CLOSING,
+            "a FIN recorded in the flags wins over a state written late"
+        );
+        assert!(flow_over(FLOW_FLAG_RESET));
+        assert!(flow_over(FLOW_FLAG_CLIENT_FIN | FLOW_FLAG_REMOTE_FIN));
+        assert!(!flow_over(FLOW_FLAG_CLIENT_FIN | ANSWERED));
     }
 }

@@ -8,11 +8,10 @@ use aya_ebpf::{
 };
 use balancer_common::{
     flow::{
-        FLOW_FLAG_CLIENT_FIN, FLOW_FLAG_FORCED, FLOW_FLAG_REMOTE_FIN, FLOW_STATE_CLOSED,
-        FLOW_STATE_CLOSING, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseEntry,
-        ReverseKey,
+        FLOW_FLAG_FORCED, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseEntry,
+        ReverseKey, WSCALE_NONE,
     },
-    policy::{flow_expired, flow_expired_with_replies, nat_port_range},
+    policy::{flow_expired, flow_expired_with_replies, flow_over, nat_port_range},
     stats::{
         DROP_NAT_EXHAUSTED, PASS_NO_UPLINK, UPLINK_NAT_EXHAUSTED, UPLINK_NEW_FLOWS,
         UPLINK_TCP_NEW_FLOWS,
@@ -106,8 +105,15 @@ fn replies_keep_alive(key: &FlowKey, entry: &FlowEntry, settings: &Settings, now
     }
 }
 
-/// Creates flow `key` on uplink `id`, replacing `stale` if given (`client_seq_next`: TCP only,
-/// host order), and returns the mark of the
+/// What a new TCP flow records from the client's SYN (all zero but the scale for other
+/// protocols): the next sequence number, the window and its scale.
+pub struct ClientSyn {
+    pub seq_next: u32,
+    pub window: u16,
+    pub wscale: u8,
+}
+
+/// Creates flow `key` on uplink `id`, replacing `stale` if given, and returns the mark of the
 /// flow that ended up in the table (another CPU may have created the same flow first).
 /// `Err(DROP_NAT_EXHAUSTED)` when no translated port is free.
 #[inline(always)]
@@ -117,7 +123,7 @@ pub fn create(
     uplink: &UplinkInfo,
     forced: bool,
     stale: Option<ReverseKey>,
-    client_seq_next: u32,
+    syn: ClientSyn,
     settings: &Settings,
     now_ns: u64,
 ) -> Result<u32, u32> {
@@ -185,13 +191,17 @@ pub fn create(
         uplink_addr: uplink.source_addr,
         mark: uplink.mark,
         uplink_generation: uplink.generation,
-        client_seq_next,
+        client_seq_next: syn.seq_next,
         remote_seq_next: 0,
         nat_port: reverse.nat_port,
         uplink_id: id as u8,
         state: FLOW_STATE_NEW,
         flags: if forced { FLOW_FLAG_FORCED } else { 0 },
-        _pad: [0; 7],
+        client_wscale: syn.wscale,
+        remote_wscale: WSCALE_NONE,
+        _pad: 0,
+        client_window: syn.window,
+        remote_window: 0,
     };
     let flags = if stale.is_some() {
         BPF_ANY
@@ -235,10 +245,7 @@ fn release_if_over(reverse: &ReverseKey, owner: FlowKey, now_ns: u64) -> bool {
     };
     // SAFETY: as above.
     let entry = unsafe { *entry };
-    let both_fins = FLOW_FLAG_CLIENT_FIN | FLOW_FLAG_REMOTE_FIN;
-    let over = entry.state == FLOW_STATE_CLOSED
-        || (entry.state == FLOW_STATE_CLOSING && entry.flags & both_fins == both_fins);
-    if !over
+    if !flow_over(entry.flags)
         || entry.nat_port != reverse.nat_port
         || entry.uplink_addr != reverse.uplink_addr
         || now_ns.saturating_sub(entry.last_seen_ns) < CLOSED_PORT_GRACE_NS

@@ -8,10 +8,10 @@
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::TcContext};
 use balancer_common::{
     counters::{COUNTER_BYTES, COUNTER_IPV4, COUNTER_PACKETS},
-    flow::{FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP},
+    flow::{FlowEntry, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, WSCALE_NONE},
     policy::{
-        TCP_ACK, TCP_SYN, flow_after_packet, is_non_unicast_destination, is_unroutable_source,
-        steered_mark,
+        TCP_ACK, TCP_RST, TCP_SYN, flow_after_packet, is_non_unicast_destination,
+        is_unroutable_source, rst_in_window, scaled_window, steered_mark,
     },
     stats::{
         PASS_ICMP_OTHER, PASS_INBOUND_REPLY, PASS_LOCAL_DESTINATION, PASS_NO_UPLINK,
@@ -27,7 +27,7 @@ use crate::{
     icmp_error, inbound,
     maps::{DESTINATIONS, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump},
     parse::{Ipv4, parse_ipv4, parse_l4},
-    untranslated,
+    tcp_window, untranslated,
 };
 
 #[inline(always)]
@@ -91,15 +91,39 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
             let entry = unsafe { &mut *entry };
             entry.last_seen_ns = now;
             if protocol == PROTOCOL_TCP {
+                // An RST changes the flow only within the window the remote end advertised,
+                // around what the client sent last (the remote's next expected number lies
+                // within a window before it); an exact match always counts.
+                let mut tcp_flags = packet.tcp_flags;
+                if tcp_flags & TCP_RST != 0 {
+                    let window = scaled_window(
+                        entry.remote_window,
+                        entry.remote_wscale,
+                        entry.client_wscale,
+                    );
+                    let from = entry.client_seq_next.wrapping_sub(window);
+                    if !rst_in_window(packet.seq, entry.client_seq_next, 0)
+                        && !rst_in_window(packet.seq, from, window.saturating_mul(2))
+                    {
+                        tcp_flags &= !TCP_RST;
+                    }
+                }
                 let (state, flags) =
-                    flow_after_packet(protocol, entry.state, entry.flags, packet.tcp_flags, false);
-                entry.state = state;
-                entry.flags = flags;
-                entry.client_seq_next = seq_next;
-                // What the client acknowledges is exactly what it expects next from the remote
-                // (its RCV.NXT): the sequence number a reset on its behalf must carry.
-                if packet.tcp_flags & TCP_ACK != 0 {
-                    entry.remote_seq_next = packet.ack;
+                    flow_after_packet(protocol, entry.state, entry.flags, tcp_flags, false);
+                let reuse = state < entry.state;
+                if reuse {
+                    entry.client_wscale = tcp_window::scale(ctx, &packet);
+                }
+                tcp_window::record(entry as *mut FlowEntry, state, flags, reuse);
+                // A rejected RST says nothing about the connection's sequence space.
+                if tcp_flags == packet.tcp_flags {
+                    entry.client_window = packet.window;
+                    entry.client_seq_next = seq_next;
+                    // What the client acknowledges is exactly what it expects next from the
+                    // remote (its RCV.NXT): the sequence number a reset on its behalf must carry.
+                    if packet.tcp_flags & TCP_ACK != 0 {
+                        entry.remote_seq_next = packet.ack;
+                    }
                 }
             }
             fragments::remember(&packet.ip, entry.uplink_addr, entry.mark, entry.uplink_id);
@@ -142,13 +166,26 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
     if uplink.source_addr == 0 || (forced.is_none() && uplink.enabled != 1) {
         return Err(PASS_NO_UPLINK);
     }
+    let syn = if protocol == PROTOCOL_TCP {
+        flow::ClientSyn {
+            seq_next,
+            window: packet.window,
+            wscale: tcp_window::scale(ctx, &packet),
+        }
+    } else {
+        flow::ClientSyn {
+            seq_next: 0,
+            window: 0,
+            wscale: WSCALE_NONE,
+        }
+    };
     let mark = flow::create(
         &key,
         id,
         uplink,
         forced.is_some(),
         stale,
-        seq_next,
+        syn,
         settings,
         now,
     )?;

@@ -3,6 +3,9 @@
 //! maps live in their own modules.
 #![no_std]
 #![no_main]
+// The BPF atomic OR (`tcp_window::record`): core's atomic types lack read-modify-write here.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod flow;
 mod fragments;
@@ -16,6 +19,7 @@ mod nat;
 mod own_socket;
 mod parse;
 mod reference;
+mod tcp_window;
 mod untranslated;
 mod uplink_egress;
 mod uplink_ingress;

@@ -55,6 +55,8 @@ pub struct Packet {
     pub seq_len: u32,
     /// TCP only, host order: the acknowledgment number (meaningful with ACK set).
     pub ack: u32,
+    /// TCP only, host order: the advertised window, unscaled.
+    pub window: u16,
 }
 
 /// Makes the first `upto` bytes directly readable when the skb's linear part is shorter
@@ -134,6 +136,7 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Result<Packet, u32> {
         seq: 0,
         seq_len: 0,
         ack: 0,
+        window: 0,
         ip,
     };
     let off = packet.ip.l4_off;
@@ -153,6 +156,7 @@ pub fn parse_l4(ctx: &TcContext, ip: Ipv4) -> Result<Packet, u32> {
             packet.tcp_flags = tcp.flags;
             packet.seq = u32::from_be_bytes(tcp.seq);
             packet.ack = u32::from_be_bytes(tcp.ack_seq);
+            packet.window = u16::from_be_bytes(tcp.window);
             let control = u32::from(tcp.flags & TCP_SYN != 0) + u32::from(tcp.flags & TCP_FIN != 0);
             packet.seq_len = (l4_len - header_len) as u32 + control;
         }

@@ -10,7 +10,7 @@ use balancer_common::{
     flow::{
         FLOW_FLAG_ANSWERED, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, ReverseKey,
     },
-    policy::{TCP_FIN, TCP_RST, TCP_SYN, flow_after_packet},
+    policy::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, flow_after_packet, rst_in_window, scaled_window},
     stats::{
         PASS_ICMP_OTHER, PASS_NOT_TRANSLATED, UPLINK_RX_BYTES, UPLINK_RX_PACKETS,
         UPLINK_RX_UNSOLICITED, UPLINK_TCP_ANSWERED,
@@ -25,43 +25,46 @@ use crate::{
     maps::{FLOWS, NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
     nat::{Side, rewrite},
     own_socket,
-    parse::{parse_ipv4, parse_l4},
+    parse::{Packet, parse_ipv4, parse_l4},
+    tcp_window,
 };
+
+/// `translate`'s verdict for a packet of one of the gateway's own connections: passed
+/// untouched like any untranslated packet, but an answer for health, not unsolicited.
+const OWN_REPLY: u32 = u32::MAX;
 
 /// `L2`: the uplink's link-layer header length (`headers::ETH_HDR_LEN` or `RAW_IP_HDR_LEN`).
 #[inline(always)]
 pub fn try_uplink_ingress<const L2: usize>(ctx: &TcContext) -> Result<(), u32> {
-    let mut own_reply = false;
-    let result = translate::<L2>(ctx, &mut own_reply);
+    let result = translate::<L2>(ctx);
     // A reply of a flow is counted on the flow's uplink, which is the interface it arrived on:
     // that saves the hot path a hash lookup. Everything else finds its uplink by interface.
-    let (id, answer) = match result {
-        Ok(Some(id)) => (Some(u32::from(id)), true),
-        _ => {
-            // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            // SAFETY: the value is a plain u32, copied out at once.
-            (
-                unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied(),
-                own_reply,
-            )
-        }
-    };
-    if let Some(id) = id {
+    if let Ok(Some(id)) = result {
+        bump_uplink(u32::from(id), UPLINK_RX_PACKETS, 1);
+        bump_uplink(u32::from(id), UPLINK_RX_BYTES, u64::from(ctx.len()));
+        return Ok(());
+    }
+    // SAFETY: `skb` is the context pointer the kernel passed in; `ifindex` is readable.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is a plain u32, copied out at once.
+    if let Some(id) = unsafe { UPLINK_BY_IFINDEX.get(ifindex) }.copied() {
         bump_uplink(id, UPLINK_RX_PACKETS, 1);
         bump_uplink(id, UPLINK_RX_BYTES, u64::from(ctx.len()));
-        if !answer {
+        if result != Err(OWN_REPLY) {
             bump_uplink(id, UPLINK_RX_UNSOLICITED, 1);
         }
     }
-    result.map(|_| ())
+    match result {
+        Err(OWN_REPLY) => Err(PASS_NOT_TRANSLATED),
+        other => other.map(|_| ()),
+    }
 }
 
 /// Reverse-translates the packet if it belongs to a flow; `Ok(Some(uplink id))` for a reply
-/// of a flow, `Ok(None)` for the other packets it translated. Sets `own_reply` for a packet of
+/// of a flow, `Ok(None)` for the other packets it translated, `Err(OWN_REPLY)` for a packet of
 /// one of the gateway's own connections (passed untouched).
 #[inline(always)]
-fn translate<const L2: usize>(ctx: &TcContext, own_reply: &mut bool) -> Result<Option<u8>, u32> {
+fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
     let ip = parse_ipv4::<L2>(ctx)?;
     if ip.later_fragment {
         return fragments::translate(ctx, &ip, Side::Destination, 0).map(|()| None);
@@ -97,8 +100,10 @@ fn translate<const L2: usize>(ctx: &TcContext, own_reply: &mut bool) -> Result<O
         _pad: [0; 3],
     };
     let Some(value) = NAT_REVERSE.get_ptr_mut(&reverse) else {
-        // Not one of our flows: the gateway's own traffic, or a connection from outside.
-        *own_reply = own_socket::answers(ctx, &packet);
+        if own_socket::answers(ctx, &packet) {
+            return Err(OWN_REPLY);
+        }
+        // Not one of our flows nor the gateway's own connection: a connection from outside.
         inbound::arrived(ctx, &packet);
         return Err(PASS_NOT_TRANSLATED);
     };
@@ -115,7 +120,7 @@ fn translate<const L2: usize>(ctx: &TcContext, own_reply: &mut bool) -> Result<O
     let changes_state =
         protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
     if value.flags & REVERSE_FLAG_ANSWERED == 0 || changes_state {
-        update_flow(&flow, &reverse, protocol, packet.tcp_flags, now)?;
+        update_flow(ctx, &flow, &reverse, &packet, now)?;
         value.flags |= REVERSE_FLAG_ANSWERED;
     }
     // Written once per clock tick, not per packet: a line other CPUs read stays clean.
@@ -134,18 +139,21 @@ fn translate<const L2: usize>(ctx: &TcContext, own_reply: &mut bool) -> Result<O
     Ok(Some(id))
 }
 
-/// Records a reply in flow `key`: activity, TCP state, the first answer.
+/// Records a reply in flow `key`: activity, TCP state, the first answer. An RST changes the
+/// state only within the client's window after what the client expects next (an exact match
+/// always counts); before the client's first ACK, only one that acknowledges its SYN.
 #[inline(always)]
 fn update_flow(
+    ctx: &TcContext,
     key: &FlowKey,
     reverse: &ReverseKey,
-    protocol: u8,
-    tcp_flags: u8,
+    packet: &Packet,
     now: u64,
 ) -> Result<(), u32> {
-    let entry = FLOWS.get_ptr_mut(key).ok_or(PASS_NOT_TRANSLATED)?;
+    let protocol = packet.ip.protocol;
+    let entry_ptr = FLOWS.get_ptr_mut(key).ok_or(PASS_NOT_TRANSLATED)?;
     // SAFETY: a pointer into the map value, valid for this run (see `FlowEntry` on sharing).
-    let entry = unsafe { &mut *entry };
+    let entry = unsafe { &mut *entry_ptr };
     // A reverse entry left behind by a replaced or evicted flow must not steer replies into a
     // flow that now uses another translation.
     if entry.nat_port != reverse.nat_port || entry.uplink_addr != reverse.uplink_addr {
@@ -153,9 +161,30 @@ fn update_flow(
     }
     entry.last_seen_ns = now;
     let was_answered = entry.flags & FLOW_FLAG_ANSWERED != 0;
+    let mut tcp_flags = packet.tcp_flags;
+    if protocol == PROTOCOL_TCP {
+        if tcp_flags & TCP_RST != 0 {
+            let acceptable = if entry.remote_seq_next == 0 {
+                tcp_flags & TCP_ACK != 0 && packet.ack == entry.client_seq_next
+            } else {
+                let window = scaled_window(
+                    entry.client_window,
+                    entry.client_wscale,
+                    entry.remote_wscale,
+                );
+                rst_in_window(packet.seq, entry.remote_seq_next, window)
+            };
+            if !acceptable {
+                tcp_flags &= !TCP_RST;
+            }
+        }
+        if tcp_flags & TCP_SYN != 0 {
+            entry.remote_wscale = tcp_window::scale(ctx, packet);
+        }
+        entry.remote_window = packet.window;
+    }
     let (state, flags) = flow_after_packet(protocol, entry.state, entry.flags, tcp_flags, true);
-    entry.state = state;
-    entry.flags = flags;
+    tcp_window::record(entry_ptr, state, flags, false);
     if protocol == PROTOCOL_TCP && !was_answered {
         bump_uplink(u32::from(entry.uplink_id), UPLINK_TCP_ANSWERED, 1);
     }

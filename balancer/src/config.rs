@@ -147,10 +147,11 @@ impl Default for Dataplane {
             flow_entries: 262_144,
             nat_port_min: 61_000,
             nat_port_max: 65_535,
-            tcp_syn_timeout: 30,
-            // RFC 5382 asks NATs to keep established TCP for at least 2 h 4 min.
+            // RFC 5382 REQ-5: transitory states (unanswered SYN, after FIN or RST) at least
+            // 4 minutes, established TCP at least 2 h 4 min.
+            tcp_syn_timeout: 240,
             tcp_established_timeout: 7_440,
-            tcp_closing_timeout: 60,
+            tcp_closing_timeout: 240,
             // RFC 4787: at least 2 minutes for UDP.
             udp_timeout: 120,
             icmp_timeout: 30,

@@ -519,7 +519,7 @@ async fn serve(
             _ = reset_check.tick() => {
                 let reset_after = Duration::from_millis(u64::from(daemon.config.health.reset_after_ms));
                 if let Some(dataplane) = &mut daemon.dataplane
-                    && let Err(error) = dataplane.reset_due(reset_after, &liveness)
+                    && let Err(error) = dataplane.reset_due(reset_after, &liveness, daemon.passive.condemned())
                 {
                     tracing::warn!(error = %error_chain(&error), "resetting connections on an uplink out of the rotation");
                 }

@@ -92,8 +92,16 @@ fn a_full_range_takes_the_port_of_a_tcp_flow_that_is_over() -> anyhow::Result<()
     for n in [5, 6] {
         assert_eq!(dp.run(LAN, &packet(n, TCP_SYN), 0)?.action, PASS);
     }
-    // Client 5 resets its connection; client 6 only half-closes its own.
-    assert_eq!(dp.run(LAN, &packet(5, TCP_RST | TCP_ACK), 0)?.mark, 1 << 24);
+    // Client 5 resets its connection (with the sequence number it sends next, as a stack
+    // does); client 6 only half-closes its own.
+    let next = dp
+        .flows()?
+        .iter()
+        .find(|(key, _)| key.client_addr == be(client(5)))
+        .map(|(_, entry)| entry.client_seq_next)
+        .ok_or_else(|| anyhow::anyhow!("no flow 5"))?;
+    let rst = Packet::tcp((client(5), 40_000), (SERVER, 443), TCP_RST | TCP_ACK).with_seq(next);
+    assert_eq!(dp.run(LAN, &rst.bytes(), 0)?.mark, 1 << 24);
     assert_eq!(dp.run(LAN, &packet(6, TCP_FIN | TCP_ACK), 0)?.mark, 1 << 24);
     let port_of = |dp: &Datapath, n: u8| -> anyhow::Result<Option<u16>> {
         Ok(dp

@@ -1,8 +1,9 @@
 //! Failover that never hurts, in the lab with real connections: a saturated line with a 1 s
 //! modem queue is never reported down while a black hole elsewhere is still found within 1 s;
 //! a carrier blip or a black hole shorter than the reset delay costs no connection; a longer
-//! outage still resets its connections and leaves the others alone; a passive verdict clears
-//! with ICMP-only `track` whose probe host drops TCP.
+//! outage still resets its connections and leaves the others alone; a passive verdict resets
+//! the connections stuck on its line and clears with ICMP-only `track` whose probe host drops
+//! TCP; a daemon restarted after a line died resets what is stuck on it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -249,7 +250,7 @@ struct Talk {
 }
 
 /// Opens `count` connections from `client` to the source server, each read 2 KiB every
-/// 50 ms by its own thread until `stop` or an error.
+/// 50 ms by its own thread until an error, with a receive buffer of a few KiB.
 fn long_lived(client: &str, count: usize, since: Instant) -> Arc<Mutex<Vec<Talk>>> {
     let talks = Arc::new(Mutex::new(vec![Talk::default(); count]));
     let netns = format!("/run/netns/{client}");
@@ -260,7 +261,19 @@ fn long_lived(client: &str, count: usize, since: Instant) -> Arc<Mutex<Vec<Talk>
             let namespace = std::fs::File::open(&netns).unwrap();
             nix::sched::setns(namespace.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let server: SocketAddr = "198.18.9.1:9001".parse().unwrap();
-            let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3)).unwrap();
+            // A small receive buffer: what is read after an event must have crossed the
+            // network after it, not waited in the buffer from before.
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+                .connect_timeout(&server.into(), Duration::from_secs(3))
+                .unwrap();
+            let stream = TcpStream::from(socket);
             stream
                 .set_read_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
@@ -448,6 +461,8 @@ fn a_passive_verdict_clears_with_icmp_only_track_whose_host_drops_tcp() {
     for uplink in 1..=3 {
         wait_until_up(&lab, uplink, Duration::from_secs(5));
     }
+    let since = Instant::now();
+    let talks = long_lived(&lab.client(2), 6, since);
     // ISP 3 passes ICMP but drops TCP; new connections keep coming.
     lab.exec_ok(
         &lab.isp(3),
@@ -488,6 +503,45 @@ fn a_passive_verdict_clears_with_icmp_only_track_whose_host_drops_tcp() {
         thread::sleep(Duration::from_millis(50));
     }
     println!("condemned {:?} after the fault", cut.elapsed());
+    // Its probes answer, but its traffic does not: the connections stuck on it are reset
+    // after the delay all the same, and the others go on.
+    let condemned = Instant::now();
+    let addr3 = lab.uplink_source(3);
+    assert!(
+        talks
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.uplink_addr == Some(addr3)),
+        "some of the connections use uplink 3: {:?}",
+        talks.lock().unwrap()
+    );
+    while talks
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|t| t.uplink_addr == Some(addr3) && t.ended.is_none())
+    {
+        assert!(
+            condemned.elapsed() < Duration::from_secs(3),
+            "connections stuck on the condemned uplink were not reset: {:?}",
+            talks.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    for talk in talks.lock().unwrap().iter() {
+        if talk.uplink_addr == Some(addr3) {
+            let (_, why) = talk.ended.clone().unwrap();
+            assert!(why.contains("reset"), "{why}");
+        } else {
+            assert!(talk.ended.is_none(), "{talk:?}");
+        }
+    }
+    println!(
+        "stuck connections reset {:?} after the verdict",
+        condemned.elapsed()
+    );
+    all_talking_except(&talks, addr3);
 
     // The fault clears: the uplink rejoins within 5 s and stays in.
     lab.exec_ok(&lab.isp(3), &["ip", "rule", "del", "priority", "50"])
@@ -519,5 +573,84 @@ fn a_passive_verdict_clears_with_icmp_only_track_whose_host_drops_tcp() {
     assert!(
         spread.sources.contains_key(&lab.uplink_source(3)),
         "uplink 3 carries new flows again: {spread:?}"
+    );
+}
+
+#[test]
+fn connections_stuck_on_a_line_that_died_while_the_daemon_was_stopped_are_reset_after_its_restart()
+{
+    let mut spec = LabSpec::new(&prefix("fr"), 3);
+    spec.rates_mbit = Vec::new();
+    let lab = Lab::up(spec).unwrap();
+    let config = write_config(&lab, "balancer.toml", &tracked_config(&lab, "198.18.9.1"));
+    let mut daemon = start_daemon(&lab, &config);
+    for uplink in 1..=3 {
+        wait_until_up(&lab, uplink, Duration::from_secs(5));
+    }
+    let since = Instant::now();
+    let talks = long_lived(&lab.client(1), 9, since);
+    // The daemon stops (the data plane runs on), and meanwhile uplink 3 dies.
+    assert!(daemon.terminate(Duration::from_secs(5)).unwrap().success());
+    black_hole(&lab, 3, true);
+    thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let started_at = since.elapsed();
+    let _daemon = start_daemon(&lab, &config);
+    let addr3 = lab.uplink_source(3);
+    let on_3 = talks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.uplink_addr == Some(addr3))
+        .count();
+    assert!(on_3 >= 1, "some connections use uplink 3");
+    // Judged down within a second of the start, reset after the delay: within 3 s.
+    while talks
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|t| t.uplink_addr == Some(addr3) && t.ended.is_none())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "connections on the dead uplink still hang: {:?}",
+            talks.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    for talk in talks.lock().unwrap().iter() {
+        match &talk.ended {
+            Some((at, why)) => {
+                assert_eq!(talk.uplink_addr, Some(addr3), "{talk:?}");
+                assert!(why.contains("reset"), "{why}");
+                println!(
+                    "reset {:?} after the restart",
+                    at.saturating_sub(started_at)
+                );
+            }
+            None => assert_ne!(talk.uplink_addr, Some(addr3)),
+        }
+    }
+    all_talking_except(&talks, addr3);
+    black_hole(&lab, 3, false);
+}
+
+/// The connections not on the uplink with address `dead` still receive data.
+fn all_talking_except(talks: &Arc<Mutex<Vec<Talk>>>, dead: Ipv4Addr) {
+    let bytes = |talks: &Arc<Mutex<Vec<Talk>>>| -> Vec<u64> {
+        talks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.uplink_addr != Some(dead))
+            .map(|t| t.bytes)
+            .collect()
+    };
+    let before = bytes(talks);
+    thread::sleep(Duration::from_secs(1));
+    let after = bytes(talks);
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| a > b),
+        "the other connections go on talking: {before:?} -> {after:?}"
     );
 }

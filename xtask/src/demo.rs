@@ -2,8 +2,9 @@
 //! raw-IP point-to-point, DHCP-addressed), runs
 //! the balancer daemon in the gateway, shows each uplink's traffic leaving by its own ISP with its
 //! own source address (the routing foundation), then the LAN clients' parallel transfers spread
-//! over all uplinks by the eBPF data plane with live per-uplink rates and a summary, prints the
-//! kernel state the daemon installed, and tears everything down.
+//! over all uplinks by the eBPF data plane with live per-uplink rates and a summary, then a
+//! failover act (`demo_failover`: one ISP goes silent mid-transfer), prints the kernel state the
+//! daemon installed, and tears everything down. Every uplink probes the internet host (`track`).
 //!
 //! When the data plane is not available (a `balancer` without `stats`, or programs that are not
 //! attached), the demo says so and still finishes: the foundation part does not need it.
@@ -44,9 +45,14 @@ pub fn run() -> anyhow::Result<()> {
     let lab = Lab::up(spec)?;
     println!("{}", lab::picture(&lab));
     let config_path = lab.state_dir().join("balancer.toml");
-    std::fs::write(&config_path, lab.balancer_config_toml()).context("writing the demo config")?;
+    // Health probes through every uplink, for the failover act.
+    let config_text = lab.balancer_config_toml().replace(
+        "weight =",
+        &format!("track = [\"{SERVER_ADDR}\"]\nweight ="),
+    );
+    std::fs::write(&config_path, &config_text).context("writing the demo config")?;
     let config = config_path.display().to_string();
-    println!("Config ({config}):\n{}", lab.balancer_config_toml());
+    println!("Config ({config}):\n{config_text}");
 
     let gw = lab.gw();
     step(
@@ -116,6 +122,10 @@ pub fn run() -> anyhow::Result<()> {
         }
     };
 
+    if dataplane && let Err(why) = crate::demo_failover::run(&lab, &balancer) {
+        println!("  FAILOVER ACT FAILED: {why:#}");
+    }
+
     step("Kernel state the daemon installed (everything tagged proto 77)");
     show(&lab.exec_ok(&gw, &["ip", "rule", "show"])?);
     for table in ["2000", "2001", "2002", "2003"] {
@@ -168,15 +178,15 @@ const SECONDS: u64 = 8;
 
 /// One uplink's row of `balancer stats --json`.
 #[derive(Clone, Debug, Default)]
-struct UplinkRow {
-    name: String,
+pub(crate) struct UplinkRow {
+    pub(crate) name: String,
     tx_bytes: u64,
-    rx_bytes: u64,
+    pub(crate) rx_bytes: u64,
     flows: u64,
 }
 
 /// `balancer stats --json` in the gateway (a separate process, as an operator would run it).
-fn uplink_stats(lab: &Lab, balancer: &str) -> anyhow::Result<Vec<UplinkRow>> {
+pub(crate) fn uplink_stats(lab: &Lab, balancer: &str) -> anyhow::Result<Vec<UplinkRow>> {
     let output = lab.exec(&lab.gw(), &[balancer, "stats", "--json"])?;
     if !output.status.success() {
         bail!(
@@ -207,7 +217,7 @@ fn uplink_stats(lab: &Lab, balancer: &str) -> anyhow::Result<Vec<UplinkRow>> {
         .collect()
 }
 
-fn mbit(bytes: u64, seconds: f64) -> f64 {
+pub(crate) fn mbit(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 * 8.0 / seconds.max(1e-9) / 1e6
 }
 
@@ -381,7 +391,7 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::util::workspace_root().join("target"))
 }
 
-fn step(title: &str) {
+pub(crate) fn step(title: &str) {
     println!("\n== {title}");
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod bench_proxy;
 mod build;
 mod demo;
+mod demo_failover;
 mod lab;
 mod setup;
 mod test;

@@ -29,8 +29,8 @@ impl Dataplane {
             .map_err(write_error(names::SETTINGS))
     }
 
-    /// Writes every uplink slot. The generation moves on whenever a slot changes address (or
-    /// goes), which releases the flows pinned to it lazily in the kernel.
+    /// Writes every uplink slot. The generation moves on whenever a slot gets a new address,
+    /// which releases the flows pinned to it lazily in the kernel.
     pub(super) fn write_uplinks(
         &mut self,
         desired: &DataplaneDesired,
@@ -54,8 +54,12 @@ impl Dataplane {
                 },
             };
             // Leaving the rotation keeps the flows (`reset::reset_due` releases them once the
-            // uplink stays silent); a new address makes them useless at once.
-            let released = old.source_addr != 0 && new.source_addr != old.source_addr;
+            // uplink stays silent), and so does losing the address (an interface deleted, a
+            // lease lost): the same address may come back. A new address makes them useless
+            // at once (`renumber` also removes them from the maps).
+            let released = old.source_addr != 0
+                && new.source_addr != 0
+                && new.source_addr != old.source_addr;
             let new = UplinkInfo {
                 generation: old.generation.wrapping_add(u32::from(released)),
                 ..new
@@ -400,15 +404,18 @@ impl Dataplane {
 
     /// Up to `limit` distinct remote ends (address, port) of answered TCP flows on uplinks
     /// other than `id`: places known to answer TCP right now, for a connect through `id`.
+    /// Looks at no more than `REMOTES_SCAN` entries: each costs two syscalls, and the daemon's
+    /// loop must not stall on a full table.
     pub fn answered_tcp_remotes(
         &self,
         id: u32,
         limit: usize,
     ) -> Result<Vec<std::net::SocketAddrV4>, DataplaneError> {
         use balancer_common::flow::{FLOW_FLAG_ANSWERED, PROTOCOL_TCP};
+        const REMOTES_SCAN: usize = 4096;
         let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
         let mut remotes = Vec::new();
-        for (key, entry) in flows.iter().filter_map(Result::ok) {
+        for (key, entry) in flows.iter().take(REMOTES_SCAN).filter_map(Result::ok) {
             if key.protocol != PROTOCOL_TCP
                 || u32::from(entry.uplink_id) == id
                 || entry.flags & FLOW_FLAG_ANSWERED == 0

@@ -14,11 +14,14 @@
 //! sends nothing that could trigger a reset. It is sent from user space through a raw socket:
 //! the packet leaves by the LAN route to the client like any reply.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Instant,
+};
 
 use aya::maps::HashMap;
 use balancer_common::{
-    flow::{FLOW_STATE_CLOSED, FlowEntry, FlowKey, PROTOCOL_TCP},
+    flow::{FLOW_FLAG_RESET, FlowEntry, FlowKey, PROTOCOL_TCP},
     maps as names,
     uplink::UplinkInfo,
 };
@@ -29,13 +32,15 @@ use crate::packet::internet_checksum;
 
 impl Dataplane {
     /// Releases the flows of every uplink that has been out of the rotation, with nothing
-    /// answered on it, for at least `after`; once per outage. Nothing is released while no
-    /// uplink is usable: then the uplinks with carrier keep carrying what they can, and
-    /// resetting would only make things worse. Returns how many clients were reset.
+    /// answered on it, for at least `after`; once per outage. For an uplink the passive signal
+    /// condemned (`passive`), only traffic counts: its probes answer by definition. Nothing is
+    /// released while no uplink is usable: then the uplinks with carrier keep carrying what they
+    /// can, and resetting would only make things worse. Returns how many clients were reset.
     pub fn reset_due(
         &mut self,
         after: std::time::Duration,
         liveness: &crate::health::Liveness,
+        passive: &std::collections::BTreeSet<u32>,
     ) -> Result<usize, DataplaneError> {
         let Some(written) = &self.written else {
             return Ok(0);
@@ -47,10 +52,13 @@ impl Dataplane {
             .disabled_since
             .iter()
             .filter(|(id, since)| {
-                let silent_since = liveness
-                    .last_answer(**id)
-                    .map_or(**since, |answered| answered.max(**since));
-                silent_since.elapsed() >= after && !self.reset_done.contains(id)
+                let last_answer = if passive.contains(id) {
+                    liveness.last_traffic(**id)
+                } else {
+                    liveness.last_answer(**id)
+                };
+                !self.reset_done.contains(id)
+                    && silent_past(**since, last_answer, after, Instant::now())
             })
             .map(|(id, _)| *id)
             .collect();
@@ -95,7 +103,7 @@ impl Dataplane {
             } else {
                 self.disabled_since
                     .entry(slot.id)
-                    .or_insert_with(std::time::Instant::now);
+                    .or_insert_with(Instant::now);
             }
         }
     }
@@ -111,7 +119,7 @@ impl Dataplane {
                 .filter(|(key, entry)| {
                     key.protocol == PROTOCOL_TCP
                         && u32::from(entry.uplink_id) == id
-                        && entry.state != FLOW_STATE_CLOSED
+                        && entry.flags & FLOW_FLAG_RESET == 0
                 })
                 .collect()
         };
@@ -140,6 +148,20 @@ impl Dataplane {
         }
         Ok(sent)
     }
+}
+
+/// Whether an uplink out of the rotation since `out_since`, last answering at `last_answer`,
+/// has been silent for `after` at `now`: the clock starts when it left the rotation and
+/// restarts at every answer (probe, reply, own connection), so a line that answers is never
+/// released, and one that left and came back starts afresh when it leaves again.
+fn silent_past(
+    out_since: Instant,
+    last_answer: Option<Instant>,
+    after: std::time::Duration,
+    now: Instant,
+) -> bool {
+    let silent_since = last_answer.map_or(out_since, |answered| answered.max(out_since));
+    now.saturating_duration_since(silent_since) >= after
 }
 
 /// An IPv4 + TCP RST|ACK from the flow's server to its client, with the sequence number the
@@ -213,5 +235,31 @@ mod tests {
         pseudo.extend_from_slice(&[0, PROTOCOL_TCP, 0, 20]);
         pseudo.extend_from_slice(tcp);
         assert_eq!(internet_checksum(&pseudo), 0, "TCP checksum");
+    }
+
+    #[test]
+    fn the_reset_clock_restarts_at_every_answer() {
+        let after = std::time::Duration::from_millis(1000);
+        let out = Instant::now();
+        let at = |ms: u64| out + std::time::Duration::from_millis(ms);
+        assert!(!silent_past(out, None, after, at(999)));
+        assert!(
+            silent_past(out, None, after, at(1000)),
+            "silent for the delay"
+        );
+        assert!(
+            silent_past(
+                out,
+                Some(out - std::time::Duration::from_secs(5)),
+                after,
+                at(1000)
+            ),
+            "an answer from before the outage stops nothing"
+        );
+        assert!(
+            !silent_past(out, Some(at(600)), after, at(1500)),
+            "an answer during the delay restarts the clock"
+        );
+        assert!(silent_past(out, Some(at(600)), after, at(1600)));
     }
 }

@@ -16,6 +16,9 @@ use std::{
 #[derive(Debug, Default)]
 struct Shared {
     last_answer: BTreeMap<u32, Instant>,
+    /// Only answers of traffic (not probes): what counts for an uplink the passive signal
+    /// condemned, whose probes answer although its traffic does not.
+    last_traffic: BTreeMap<u32, Instant>,
     smoothed_rtt: BTreeMap<u32, Duration>,
 }
 
@@ -33,6 +36,24 @@ impl Liveness {
             let last = shared.last_answer.entry(id).or_insert(at);
             *last = (*last).max(at);
         }
+    }
+
+    /// Uplink `id`'s traffic (a flow's reply, a packet of the gateway's own connections)
+    /// answered at `at`; also an answer.
+    pub fn heard_traffic(&self, id: u32, at: Instant) {
+        if let Ok(mut shared) = self.shared.lock() {
+            let last = shared.last_traffic.entry(id).or_insert(at);
+            *last = (*last).max(at);
+        }
+        self.heard(id, at);
+    }
+
+    /// When uplink `id`'s traffic last answered, if ever since the daemon started.
+    pub fn last_traffic(&self, id: u32) -> Option<Instant> {
+        self.shared
+            .lock()
+            .ok()
+            .and_then(|shared| shared.last_traffic.get(&id).copied())
     }
 
     /// When uplink `id` last answered anything, if ever since the daemon started.
@@ -78,7 +99,7 @@ impl TrafficWatch {
             if let Some(previous) = self.previous.insert(id, count)
                 && count != previous
             {
-                liveness.heard(id, now);
+                liveness.heard_traffic(id, now);
             }
         }
     }
@@ -98,11 +119,15 @@ mod tests {
         let later = start + Duration::from_millis(100);
         watch.observe(later, BTreeMap::from([(1, 130), (2, 5)]), &liveness);
         assert_eq!(liveness.last_answer(1), Some(later));
+        assert_eq!(liveness.last_traffic(1), Some(later));
         assert_eq!(liveness.last_answer(2), None, "no new answers on uplink 2");
         assert!(liveness.answered_since(1, start));
         assert!(!liveness.answered_since(1, later));
-        // An earlier answer reported late (a probe) never moves the time back.
+        // An earlier answer reported late (a probe) never moves the time back; a probe's
+        // answer is no traffic.
         liveness.heard(1, start);
         assert_eq!(liveness.last_answer(1), Some(later));
+        liveness.heard(2, later);
+        assert_eq!(liveness.last_traffic(2), None);
     }
 }

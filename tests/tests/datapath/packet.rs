@@ -95,6 +95,14 @@ impl Packet {
         self
     }
 
+    /// A TCP packet with sequence number `value` instead of the default 0x1000_0000.
+    pub fn with_seq(mut self, value: u32) -> Self {
+        if let L4::Tcp { seq, .. } = &mut self.l4 {
+            *seq = value;
+        }
+        self
+    }
+
     pub fn with_tcp_options(mut self, options: &[u8]) -> Self {
         self.tcp_options = options.to_vec();
         self
