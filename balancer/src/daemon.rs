@@ -107,6 +107,8 @@ struct Daemon {
     passive: health::passive::PassiveDetector,
     /// Turns the data plane's answer counters into liveness (see `health::liveness`).
     traffic: health::liveness::TrafficWatch,
+    /// When a dead uplink's connections are given up, for the data plane and the proxy alike.
+    releases: health::release::ReleaseClock,
 }
 
 /// What one reconcile pass could not do, per uplink (None: what no uplink owns).
@@ -238,7 +240,15 @@ impl Daemon {
         if let Ok(mut status) = self.status.lock() {
             status.uplinks = uplinks;
         }
-        crate::proxy::feed(&self.proxy_feed, &self.config, states, proxy_refused);
+        let usable: Vec<(u32, bool)> = states.iter().map(|s| (s.id, s.usable)).collect();
+        self.releases.track(&usable, std::time::Instant::now());
+        crate::proxy::feed(
+            &self.proxy_feed,
+            &self.config,
+            states,
+            proxy_refused,
+            self.releases.releases(),
+        );
         if let Some(monitor) = &self.health {
             let probed: Vec<(crate::config::Uplink, Option<std::net::Ipv4Addr>)> = self
                 .config
@@ -251,6 +261,40 @@ impl Daemon {
                 .collect();
             monitor.follow(&probed, &self.config.health);
         }
+    }
+
+    /// Gives up the connections of every uplink out of the rotation and silent past the reset
+    /// delay (`health::release`): the data plane resets its TCP clients and releases its flows,
+    /// the proxy closes its tunnels and kept connections.
+    fn release_due(&mut self, liveness: &health::Liveness) {
+        let after = Duration::from_millis(u64::from(self.config.health.reset_after_ms));
+        let due = self.releases.due(
+            std::time::Instant::now(),
+            after,
+            liveness,
+            self.passive.condemned(),
+        );
+        if due.is_empty() {
+            return;
+        }
+        for id in due {
+            let reset = match &mut self.dataplane {
+                Some(dataplane) => match dataplane.release(id) {
+                    Ok(reset) => reset,
+                    Err(error) => {
+                        tracing::warn!(uplink = id, error = %error_chain(&error), "releasing the flows of an uplink silent past the reset delay");
+                        0
+                    }
+                },
+                None => 0,
+            };
+            tracing::info!(
+                uplink = id,
+                reset,
+                "gave up the connections of an uplink silent past the reset delay; reset its TCP clients"
+            );
+        }
+        crate::proxy::released(&self.proxy_feed, self.releases.releases());
     }
 
     /// The source an uplink has now (configured or learned), from the last pass.
@@ -380,6 +424,7 @@ async fn serve(
         health: None,
         passive: Default::default(),
         traffic: Default::default(),
+        releases: Default::default(),
     };
 
     // The first apply is all or nothing for what no uplink owns: a failure rolls back and the
@@ -517,12 +562,7 @@ async fn serve(
                 }
             }
             _ = reset_check.tick() => {
-                let reset_after = Duration::from_millis(u64::from(daemon.config.health.reset_after_ms));
-                if let Some(dataplane) = &mut daemon.dataplane
-                    && let Err(error) = dataplane.reset_due(reset_after, &liveness, daemon.passive.condemned())
-                {
-                    tracing::warn!(error = %error_chain(&error), "resetting connections on an uplink out of the rotation");
-                }
+                daemon.release_due(&liveness);
                 continue;
             }
             _ = sweep.tick() => {

@@ -167,9 +167,6 @@ pub struct Dataplane {
     written: Option<DataplaneDesired>,
     /// Reverse entries without a flow at the last sweep.
     orphans_seen: HashSet<ReverseKey>,
-    /// Since when each uplink out of the rotation has been out, and which were reset already.
-    disabled_since: std::collections::BTreeMap<u32, std::time::Instant>,
-    reset_done: BTreeSet<u32>,
 }
 
 /// Every program in the object, in the order they are loaded.
@@ -260,8 +257,6 @@ impl Dataplane {
             attached: BTreeSet::new(),
             written: None,
             orphans_seen: HashSet::new(),
-            disabled_since: Default::default(),
-            reset_done: BTreeSet::new(),
         })
     }
 
@@ -308,7 +303,6 @@ impl Dataplane {
 impl Dataplane {
     /// Makes the maps and the attachments match `desired`.
     pub fn apply(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
-        self.track_rotation(desired);
         if self.written.as_ref() != Some(desired) {
             let destinations_changed = self
                 .written

@@ -2,10 +2,7 @@
 //! they reconnect (and get a live uplink) instead of hanging until their own timeouts, and the
 //! uplink's generation moves on, so its other flows get a live uplink with their next packet.
 //!
-//! Leaving the rotation releases nothing by itself: a carrier blip or a probe verdict on a
-//! line that comes back must cost no connection. The flows go only once the uplink has been
-//! out of the rotation for the reset delay with nothing answered on it: the first answered
-//! probe, reply of a flow or packet of the gateway's own connections stops that clock.
+//! When that happens is decided in one place, `health::release`, which the proxy follows too.
 //!
 //! The data plane saw both directions of every flow, so the flow table holds the sequence
 //! number the client expects next from the server (`remote_seq_next`). An RST from the server's
@@ -14,10 +11,7 @@
 //! sends nothing that could trigger a reset. It is sent from user space through a raw socket:
 //! the packet leaves by the LAN route to the client like any reply.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    time::Instant,
-};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use aya::maps::HashMap;
 use balancer_common::{
@@ -31,50 +25,12 @@ use super::{Dataplane, DataplaneError, maps::typed};
 use crate::packet::internet_checksum;
 
 impl Dataplane {
-    /// Releases the flows of every uplink that has been out of the rotation, with nothing
-    /// answered on it, for at least `after`; once per outage. For an uplink the passive signal
-    /// condemned (`passive`), only traffic counts: its probes answer by definition. Nothing is
-    /// released while no uplink is usable: then the uplinks with carrier keep carrying what they
-    /// can, and resetting would only make things worse. Returns how many clients were reset.
-    pub fn reset_due(
-        &mut self,
-        after: std::time::Duration,
-        liveness: &crate::health::Liveness,
-        passive: &std::collections::BTreeSet<u32>,
-    ) -> Result<usize, DataplaneError> {
-        let Some(written) = &self.written else {
-            return Ok(0);
-        };
-        if written.uplinks.iter().all(|slot| !slot.enabled) {
-            return Ok(0);
-        }
-        let due: Vec<u32> = self
-            .disabled_since
-            .iter()
-            .filter(|(id, since)| {
-                let last_answer = if passive.contains(id) {
-                    liveness.last_traffic(**id)
-                } else {
-                    liveness.last_answer(**id)
-                };
-                !self.reset_done.contains(id)
-                    && silent_past(**since, last_answer, after, Instant::now())
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        let mut total = 0;
-        for id in due {
-            let reset = self.reset_flows_of(id)?;
-            self.release_flows_of(id)?;
-            tracing::info!(
-                uplink = id,
-                reset,
-                "released the flows of an uplink silent past the reset delay; reset its TCP connections"
-            );
-            self.reset_done.insert(id);
-            total += reset;
-        }
-        Ok(total)
+    /// Gives up uplink `id`'s flows (`health::release` decides when): resets their TCP clients
+    /// and moves the uplink's generation on. Returns how many clients were reset.
+    pub fn release(&mut self, id: u32) -> Result<usize, DataplaneError> {
+        let reset = self.reset_flows_of(id)?;
+        self.release_flows_of(id)?;
+        Ok(reset)
     }
 
     /// Moves uplink `id`'s generation on: every flow still pinned to it is stale for the
@@ -92,20 +48,6 @@ impl Dataplane {
                 map: names::UPLINKS,
                 source: Box::new(source),
             })
-    }
-
-    /// Notes which uplinks left or rejoined the rotation, for [`Dataplane::reset_due`].
-    pub(super) fn track_rotation(&mut self, desired: &super::desired::DataplaneDesired) {
-        for slot in &desired.uplinks {
-            if slot.enabled {
-                self.disabled_since.remove(&slot.id);
-                self.reset_done.remove(&slot.id);
-            } else {
-                self.disabled_since
-                    .entry(slot.id)
-                    .or_insert_with(Instant::now);
-            }
-        }
     }
 
     /// Sends an RST to the client of every TCP flow on uplink `id` and removes those flows.
@@ -148,20 +90,6 @@ impl Dataplane {
         }
         Ok(sent)
     }
-}
-
-/// Whether an uplink out of the rotation since `out_since`, last answering at `last_answer`,
-/// has been silent for `after` at `now`: the clock starts when it left the rotation and
-/// restarts at every answer (probe, reply, own connection), so a line that answers is never
-/// released, and one that left and came back starts afresh when it leaves again.
-fn silent_past(
-    out_since: Instant,
-    last_answer: Option<Instant>,
-    after: std::time::Duration,
-    now: Instant,
-) -> bool {
-    let silent_since = last_answer.map_or(out_since, |answered| answered.max(out_since));
-    now.saturating_duration_since(silent_since) >= after
 }
 
 /// An IPv4 + TCP RST|ACK from the flow's server to its client, with the sequence number the
@@ -235,31 +163,5 @@ mod tests {
         pseudo.extend_from_slice(&[0, PROTOCOL_TCP, 0, 20]);
         pseudo.extend_from_slice(tcp);
         assert_eq!(internet_checksum(&pseudo), 0, "TCP checksum");
-    }
-
-    #[test]
-    fn the_reset_clock_restarts_at_every_answer() {
-        let after = std::time::Duration::from_millis(1000);
-        let out = Instant::now();
-        let at = |ms: u64| out + std::time::Duration::from_millis(ms);
-        assert!(!silent_past(out, None, after, at(999)));
-        assert!(
-            silent_past(out, None, after, at(1000)),
-            "silent for the delay"
-        );
-        assert!(
-            silent_past(
-                out,
-                Some(out - std::time::Duration::from_secs(5)),
-                after,
-                at(1000)
-            ),
-            "an answer from before the outage stops nothing"
-        );
-        assert!(
-            !silent_past(out, Some(at(600)), after, at(1500)),
-            "an answer during the delay restarts the clock"
-        );
-        assert!(silent_past(out, Some(at(600)), after, at(1600)));
     }
 }

@@ -11,6 +11,7 @@
 pub mod liveness;
 pub mod passive;
 pub mod probe;
+pub mod release;
 mod tracker;
 
 use std::{

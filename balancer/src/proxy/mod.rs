@@ -64,6 +64,9 @@ pub struct View {
     pub uplinks: Vec<ProxyUplink>,
     /// Destinations refused unless `proxy.allow` opens them: see [`refused_networks`].
     pub refused: Vec<Ipv4Net>,
+    /// How many times each uplink's connections were given up (`health::release`): when the
+    /// count moves, what runs on that uplink is closed.
+    pub released: BTreeMap<u32, u64>,
 }
 
 /// The sending half the daemon keeps.
@@ -78,8 +81,6 @@ pub struct ProxyUplink {
     pub weight: u32,
     /// May carry new upstream connections now.
     pub usable: bool,
-    /// Its address or interface is gone: what runs on it is closed at once.
-    pub lost: bool,
     /// The uplink's resolvers (empty: the system's, asked from this uplink's address).
     pub dns: Vec<Ipv4Addr>,
 }
@@ -113,8 +114,6 @@ struct Shared {
     access_log: Option<access_log::AccessLog>,
     reaper: Arc<reaper::Reaper>,
     dns_cache: dns_cache::DnsCache,
-    /// How long an uplink is unusable before what runs on it is closed (`health.reset_after_ms`).
-    reset_after: Duration,
     chooser: Mutex<policy::Chooser>,
     counters: counters::Counters,
     local: guard::LocalAddresses,
@@ -168,7 +167,6 @@ impl Proxy {
                 access_log,
                 reaper: Arc::default(),
                 dns_cache: dns_cache::DnsCache::default(),
-                reset_after: Duration::from_millis(u64::from(config.health.reset_after_ms)),
                 chooser: Mutex::new(chooser),
                 counters: counters::Counters::default(),
                 local: guard::LocalAddresses::default(),
@@ -201,11 +199,7 @@ impl Proxy {
                 }
             }));
         }
-        tasks.push(runtime.spawn(reaper::run(
-            shared.reaper.clone(),
-            shared.view.clone(),
-            shared.reset_after,
-        )));
+        tasks.push(runtime.spawn(reaper::run(shared.reaper.clone(), shared.view.clone())));
         if let Some(log) = &shared.access_log {
             tasks.push(runtime.spawn(log.clone().reopen_on_sighup()));
         }
@@ -298,8 +292,7 @@ pub fn refused_networks(config: &Config, observed: &Observed) -> Vec<Ipv4Net> {
 
 /// The proxy's view of the uplinks after a reconcile, from the one uplink model: usable when
 /// it takes new flows (the daemon ignores health verdicts when every uplink is down, so the
-/// office is never cut off) and has an address to bind to; lost when the kernel can no longer
-/// carry it (interface or address gone), which closes what runs on it at once.
+/// office is never cut off) and has an address to bind to.
 pub fn uplinks_from(config: &Config, states: &[UplinkState]) -> Vec<ProxyUplink> {
     config
         .uplinks
@@ -311,22 +304,39 @@ pub fn uplinks_from(config: &Config, states: &[UplinkState]) -> Vec<ProxyUplink>
             source: state.source.unwrap_or(Ipv4Addr::UNSPECIFIED),
             weight: uplink.weight,
             usable: state.usable && state.source.is_some(),
-            lost: !state.routable,
             dns: uplink.dns.clone(),
         })
         .collect()
 }
 
 /// Sends the uplinks' state and the refused networks to a running proxy, if there is one.
-pub fn feed(feed: &Option<Feed>, config: &Config, states: &[UplinkState], refused: Vec<Ipv4Net>) {
+pub fn feed(
+    feed: &Option<Feed>,
+    config: &Config,
+    states: &[UplinkState],
+    refused: Vec<Ipv4Net>,
+    released: &BTreeMap<u32, u64>,
+) {
     if let Some(feed) = feed {
         feed.send_if_modified(|current| {
             let next = View {
                 uplinks: uplinks_from(config, states),
                 refused,
+                released: released.clone(),
             };
             let changed = *current != next;
             *current = next;
+            changed
+        });
+    }
+}
+
+/// Tells a running proxy that uplinks' connections were given up, between reconciles.
+pub fn released(feed: &Option<Feed>, released: &BTreeMap<u32, u64>) {
+    if let Some(feed) = feed {
+        feed.send_if_modified(|current| {
+            let changed = current.released != *released;
+            current.released = released.clone();
             changed
         });
     }

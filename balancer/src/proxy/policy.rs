@@ -172,7 +172,6 @@ mod tests {
                 source: Ipv4Addr::new(198, 18, i as u8 + 1, 2),
                 weight,
                 usable: true,
-                lost: false,
                 dns: Vec::new(),
             })
             .collect()

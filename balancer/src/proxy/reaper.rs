@@ -1,16 +1,12 @@
 //! Closing what runs on a dead uplink: kept upstream connections and tunnels of an uplink are
-//! closed when the uplink has been unusable for `health.reset_after_ms` (when the daemon resets
-//! that uplink's transparent flows), and at once when it loses its address or interface, so
-//! clients retry on a live uplink instead of hanging until the idle timeout. A carrier blip
-//! shorter than the reset delay closes nothing.
+//! closed when the daemon gives up the uplink's connections (`health::release`: out of the
+//! rotation and silent for the reset delay, the moment its transparent flows are reset), and
+//! at once when it is renumbered, so clients retry on a live uplink instead of hanging until
+//! the idle timeout. A carrier blip shorter than the reset delay closes nothing.
 //!
 //! Connections subscribe by uplink id and end when their uplink's generation moves.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Mutex};
 
 use tokio::sync::watch;
 
@@ -56,76 +52,52 @@ impl Reaper {
     }
 }
 
-/// What to do about each uplink, given when it became unusable. Pure, for unit tests.
+/// What has been closed already: the release count and the address last seen per uplink.
+/// Pure, for unit tests.
 #[derive(Debug, Default)]
 struct Outages {
-    since: HashMap<u32, Instant>,
-    closed: HashSet<u32>,
+    released: HashMap<u32, u64>,
+    addresses: HashMap<u32, std::net::Ipv4Addr>,
 }
 
 impl Outages {
-    /// The uplinks to close now (with why), and when to look again.
-    fn update(
-        &mut self,
-        uplinks: &[ProxyUplink],
-        now: Instant,
-        reset_after: Duration,
-    ) -> (Vec<(ProxyUplink, &'static str)>, Option<Instant>) {
+    /// The uplinks to close now, with why: those whose connections the daemon gave up since
+    /// the last look, and those renumbered (their old address can carry nothing any more).
+    fn update(&mut self, view: &View) -> Vec<(ProxyUplink, &'static str)> {
         let mut close = Vec::new();
-        let mut next = None::<Instant>;
-        // As for transparent flows: with no uplink usable, the ones with carrier keep carrying
-        // what they can, and closing would only make things worse.
-        let any_usable = uplinks.iter().any(|u| u.usable);
-        for uplink in uplinks {
-            if uplink.usable {
-                self.since.remove(&uplink.id);
-                self.closed.remove(&uplink.id);
+        for uplink in &view.uplinks {
+            let count = view.released.get(&uplink.id).copied().unwrap_or(0);
+            let seen = self.released.insert(uplink.id, count).unwrap_or(0);
+            if count != seen {
+                close.push((uplink.clone(), "silent past the reset delay"));
                 continue;
             }
-            let since = *self.since.entry(uplink.id).or_insert(now);
-            if self.closed.contains(&uplink.id) {
+            // An address that goes keeps what runs on it (it may come back, as for transparent
+            // flows); another address in its place closes it at once.
+            if uplink.source.is_unspecified() {
                 continue;
             }
-            if uplink.lost {
-                close.push((uplink.clone(), "its address or interface is gone"));
-            } else if !any_usable {
-                continue;
-            } else if now >= since + reset_after {
-                close.push((uplink.clone(), "unusable for the reset delay"));
-            } else {
-                let due = since + reset_after;
-                next = Some(next.map_or(due, |n| n.min(due)));
-                continue;
+            if let Some(old) = self.addresses.insert(uplink.id, uplink.source)
+                && old != uplink.source
+            {
+                close.push((uplink.clone(), "its address changed"));
             }
-            self.closed.insert(uplink.id);
         }
-        (close, next)
+        close
     }
 }
 
 /// Watches the daemon's view and closes what runs on dead uplinks, until the view's sender is
 /// gone.
-pub async fn run(
-    reaper: std::sync::Arc<Reaper>,
-    mut view: watch::Receiver<View>,
-    reset_after: Duration,
-) {
+pub async fn run(reaper: std::sync::Arc<Reaper>, mut view: watch::Receiver<View>) {
     let mut outages = Outages::default();
     loop {
-        let uplinks = view.borrow_and_update().uplinks.clone();
-        let (close, next) = outages.update(&uplinks, Instant::now(), reset_after);
-        for (uplink, why) in close {
+        let current = view.borrow_and_update().clone();
+        for (uplink, why) in outages.update(&current) {
             reaper.close_all(&uplink, why);
         }
-        let wake = async {
-            match next {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            changed = view.changed() => if changed.is_err() { return },
-            () = wake => {}
+        if view.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -134,46 +106,44 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    fn uplink(id: u32, usable: bool, lost: bool) -> ProxyUplink {
+    fn uplink(id: u32, source: [u8; 4]) -> ProxyUplink {
         ProxyUplink {
             id,
             name: format!("u{id}"),
-            source: std::net::Ipv4Addr::new(198, 18, id as u8, 2),
+            source: std::net::Ipv4Addr::from(source),
             weight: 1,
-            usable,
-            lost,
+            usable: true,
             dns: Vec::new(),
         }
     }
 
-    /// `u` beside a healthy uplink 9.
-    fn with_live(u: ProxyUplink) -> Vec<ProxyUplink> {
-        vec![u, uplink(9, true, false)]
+    fn view(uplinks: Vec<ProxyUplink>, released: &[(u32, u64)]) -> View {
+        View {
+            uplinks,
+            refused: Vec::new(),
+            released: released.iter().copied().collect(),
+        }
     }
 
     #[test]
-    fn blips_close_nothing_outages_close_once_and_lost_addresses_close_at_once() {
-        let reset = Duration::from_millis(1000);
-        let t0 = Instant::now();
+    fn releases_close_once_and_renumbering_closes_at_once_but_a_lost_address_does_not() {
         let mut outages = Outages::default();
-        let (close, next) = outages.update(&with_live(uplink(1, false, false)), t0, reset);
-        assert!(close.is_empty());
-        assert_eq!(next, Some(t0 + reset));
-        // Back after 300 ms: nothing closed, and the clock starts over next time.
-        let (close, _) = outages.update(&with_live(uplink(1, true, false)), t0 + reset / 3, reset);
-        assert!(close.is_empty());
-        let t1 = t0 + Duration::from_secs(5);
-        outages.update(&with_live(uplink(1, false, false)), t1, reset);
-        let (close, next) = outages.update(&with_live(uplink(1, false, false)), t1 + reset, reset);
-        assert_eq!(close.len(), 1);
-        assert_eq!(next, None);
-        let (close, _) = outages.update(&with_live(uplink(1, false, false)), t1 + reset * 2, reset);
-        assert!(close.is_empty(), "closed once per outage");
-        let (close, _) = outages.update(&with_live(uplink(2, false, true)), t1, reset);
-        assert_eq!(close.len(), 1, "a lost address closes at once");
-        let mut alone = Outages::default();
-        alone.update(&[uplink(3, false, false)], t0, reset);
-        let (close, _) = alone.update(&[uplink(3, false, false)], t1, reset);
-        assert!(close.is_empty(), "nothing closed while no uplink is usable");
+        let one = || uplink(1, [198, 18, 1, 2]);
+        assert!(outages.update(&view(vec![one()], &[])).is_empty());
+        let closed = outages.update(&view(vec![one()], &[(1, 1)]));
+        assert_eq!(closed.len(), 1, "released by the daemon");
+        assert!(
+            outages.update(&view(vec![one()], &[(1, 1)])).is_empty(),
+            "once per release"
+        );
+        assert!(
+            outages
+                .update(&view(vec![uplink(1, [0, 0, 0, 0])], &[(1, 1)]))
+                .is_empty(),
+            "an address that goes may come back"
+        );
+        assert!(outages.update(&view(vec![one()], &[(1, 1)])).is_empty());
+        let closed = outages.update(&view(vec![uplink(1, [198, 18, 7, 2])], &[(1, 1)]));
+        assert_eq!(closed.len(), 1, "renumbered");
     }
 }

@@ -25,6 +25,8 @@ pub struct ProxyLab {
     pub lan_networks: Option<String>,
     /// Added to every `[[uplink]]` (e.g. `track = [...]`).
     pub uplink_keys: String,
+    /// Leave `source` out of every `[[uplink]]`: the daemon learns it, and follows a renumbering.
+    pub learned_sources: bool,
 }
 
 impl ProxyLab {
@@ -38,6 +40,7 @@ impl ProxyLab {
             daemon: None,
             lan_networks: None,
             uplink_keys: String::new(),
+            learned_sources: false,
         };
         gw.start(proxy_keys);
         gw
@@ -52,13 +55,14 @@ impl ProxyLab {
             daemon: None,
             lan_networks: Some(networks.to_string()),
             uplink_keys: String::new(),
+            learned_sources: false,
         };
         gw.start(proxy_keys);
         gw
     }
 
-    /// As [`ProxyLab::up`], with every uplink probing the internet host (health checks on), and
-    /// waits until every uplink is judged up.
+    /// As [`ProxyLab::up`], with every uplink probing the internet host (health checks on) and
+    /// its address learned, and waits until every uplink is judged up.
     pub fn up_tracked(tag: &str, proxy_keys: &str) -> ProxyLab {
         let lab =
             Lab::up(LabSpec::new(&prefix(tag), 3)).unwrap_or_else(|e| panic!("lab up: {e:#}"));
@@ -67,6 +71,7 @@ impl ProxyLab {
             daemon: None,
             lan_networks: None,
             uplink_keys: "track = [\"198.18.9.1\"]\n".to_string(),
+            learned_sources: true,
         };
         gw.start(proxy_keys);
         wait_until(Duration::from_secs(5), || {
@@ -85,6 +90,13 @@ impl ProxyLab {
             "weight =",
             &format!("dns = [\"{DNS_ADDR}\"]\n{}weight =", self.uplink_keys),
         );
+        if self.learned_sources {
+            base = base
+                .lines()
+                .filter(|line| !line.starts_with("source = "))
+                .map(|line| format!("{line}\n"))
+                .collect();
+        }
         if let Some(networks) = &self.lan_networks {
             base = base.replace(&format!("\"{LAN_NETWORK}\""), networks);
         }
