@@ -57,9 +57,8 @@ impl Dataplane {
             // uplink stays silent), and so does losing the address (an interface deleted, a
             // lease lost): the same address may come back. A new address makes them useless
             // at once (`renumber` also removes them from the maps).
-            let released = old.source_addr != 0
-                && new.source_addr != 0
-                && new.source_addr != old.source_addr;
+            let released =
+                old.source_addr != 0 && new.source_addr != 0 && new.source_addr != old.source_addr;
             let new = UplinkInfo {
                 generation: old.generation.wrapping_add(u32::from(released)),
                 ..new
