@@ -3,6 +3,7 @@
 //! [`transparent`]: the transparent data-plane tests' `Gateway` fixture and shared checks.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod failover;
 pub mod field;
 pub mod transparent;
 
