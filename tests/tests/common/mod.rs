@@ -5,6 +5,7 @@
 
 pub mod failover;
 pub mod field;
+pub mod office;
 pub mod transparent;
 
 use std::{
