@@ -1,9 +1,9 @@
 //! The gateway is more than an uplink switch, in the lab: a branch office behind another
 //! interface stays reachable from the LAN with the clients' own addresses (connected, static,
-//! and a route added while the daemon runs); a port forward (nftables DNAT on the gateway to a
-//! LAN server) and a service of the gateway itself answer through every uplink; raw packets of
-//! another protocol and stray TCP from the LAN reach no ISP and are counted; DHCP and multicast
-//! create no flow; `check` warns about a masquerade rule on an uplink, not about a DNAT forward.
+//! and a route added while the daemon runs, or in a VPN's table); raw packets of another
+//! protocol and stray TCP from the LAN reach no ISP and are counted; DHCP and multicast create
+//! no flow; `check` warns about a masquerade rule on an uplink, not about a DNAT forward. (Port
+//! forwards and the gateway's own services are in `office_inbound.rs`.)
 //!
 //! Root only. Each test builds its own lab (prefix `bal-of?<pid>`); the branch office is one
 //! more namespace, `<prefix>-br`, deleted by its guard.
@@ -20,7 +20,7 @@ use balancer_tests::{
     lab::{Lab, LabSpec, SERVER_ADDR},
     process::ChildGuard,
 };
-use common::{transparent::*, *};
+use common::{office::*, transparent::*, *};
 
 /// The branch office's side: 198.18.20.2 on the link, 198.18.21.1 behind a static route,
 /// 198.18.22.1 behind a route added later.
@@ -29,9 +29,6 @@ const BRANCH_STATIC: Ipv4Addr = Ipv4Addr::new(198, 18, 21, 1);
 const BRANCH_LATER: Ipv4Addr = Ipv4Addr::new(198, 18, 22, 1);
 /// Behind a route in table 220 only, as strongSwan installs its tunnels' routes.
 const BRANCH_VPN: Ipv4Addr = Ipv4Addr::new(198, 18, 23, 1);
-const WHOAMI: u16 = 9000;
-/// The port the gateway forwards (TCP and UDP) to client 1's whoami server.
-const FORWARDED: u16 = 8080;
 
 /// A namespace behind the gateway's `office0` (a veth), with whoami servers on its addresses.
 struct Branch {
@@ -104,41 +101,6 @@ impl Drop for Branch {
             .args(["netns", "del", &self.ns])
             .status();
     }
-}
-
-/// `labtool tcp-whoami|udp-whoami addr` from `ns`: the address the server saw, or the error.
-fn whoami(lab: &Lab, ns: &str, udp: bool, server: SocketAddrV4) -> Result<SocketAddrV4, String> {
-    let cmd = if udp { "udp-whoami" } else { "tcp-whoami" };
-    let server = server.to_string();
-    let out = lab
-        .labtool_exec(ns, &[cmd, &server, "--timeout-ms", "1500"])
-        .map_err(|e| format!("{e:#}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .parse()
-        .map_err(|e| format!("whoami answered {text:?}: {e}"))
-}
-
-/// Loads an nftables ruleset (`nft -f`) in `ns`.
-fn nft(lab: &Lab, ns: &str, ruleset: &str) {
-    static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = lab.state_dir().join(format!("ruleset-{n}.nft"));
-    std::fs::write(&path, ruleset).unwrap();
-    lab.exec_ok(ns, &["nft", "-f", &path.display().to_string()])
-        .unwrap();
-}
-
-/// A reason counter of `balancer stats --json`.
-fn reason(lab: &Lab, name: &str) -> u64 {
-    stats(lab).0["reasons"][name].as_u64().unwrap_or(0)
-}
-
-fn flow_entries(lab: &Lab) -> u64 {
-    stats(lab).0["flow_entries"].as_u64().unwrap()
 }
 
 #[test]
@@ -283,84 +245,6 @@ fn a_vpn_table_in_route_tables_is_an_office_destination() {
         "{copied}"
     );
     drop(branch);
-}
-
-/// An nftables port forward on the gateway to client 1, reached from the internet host through
-/// each uplink's address: 10 TCP and 10 UDP exchanges each, every reply back by the uplink it
-/// came in on (any other would carry a source its ISP drops). A service of the gateway itself
-/// answers through every uplink too.
-#[test]
-fn port_forwards_and_gateway_services_answer_through_every_uplink() {
-    let gw = Gateway::up("ofb", |p| LabSpec::new(p, 3));
-    let lab = &gw.lab;
-    let tool = lab.labtool().to_string_lossy().into_owned();
-    let client_addr = lab.client_addr(1).to_string();
-    let _lan_server = lab
-        .spawn(&lab.client(1), &[&tool, "serve", "--addr", &client_addr])
-        .unwrap();
-    // The gateway's own service, bound to each uplink address: a UDP reply goes out by the
-    // address it is sent from (a wildcard-bound UDP socket must answer from the address it was
-    // asked on, IP_PKTINFO; the kernel cannot know otherwise).
-    let _gateway_servers: Vec<ChildGuard> = (1..=lab.uplinks())
-        .map(|i| {
-            let addr = lab.uplink_source(i).to_string();
-            lab.spawn(&lab.gw(), &[&tool, "serve", "--addr", &addr])
-                .unwrap()
-        })
-        .collect();
-    let ruleset = format!(
-        "table ip portforward {{\n chain prerouting {{\n type nat hook prerouting priority dstnat;\n\
-         tcp dport {FORWARDED} dnat to {client_addr}:{WHOAMI}\n\
-         udp dport {FORWARDED} dnat to {client_addr}:{WHOAMI}\n }}\n}}\n"
-    );
-    nft(lab, &lab.gw(), &ruleset);
-    lab.labtool_exec(
-        &lab.inet(),
-        &["wait-tcp", &format!("{client_addr}:{WHOAMI}")],
-    )
-    .ok();
-
-    let inet = lab.inet();
-    for i in 1..=lab.uplinks() {
-        let before = lab.isp_rx_packets(i).unwrap();
-        for udp in [false, true] {
-            for n in 0..10 {
-                let forwarded = SocketAddrV4::new(lab.uplink_source(i), FORWARDED);
-                let seen = whoami(lab, &inet, udp, forwarded).unwrap_or_else(|e| {
-                    panic!(
-                        "exchange {n} (udp={udp}) through uplink {i}'s port forward: {e}\n{}",
-                        gw.diagnostics()
-                    )
-                });
-                // The LAN server sees the internet host's own address: nothing was translated
-                // on the way in but the forward's destination.
-                assert!(
-                    !gw.uplink_sources().contains(seen.ip()),
-                    "the LAN server saw {seen}"
-                );
-            }
-        }
-        let carried = lab.isp_rx_packets(i).unwrap() - before;
-        assert!(
-            carried >= 40,
-            "ISP {i} carried only {carried} packets of 20 exchanges"
-        );
-        // The gateway's own service.
-        for udp in [false, true] {
-            let service = SocketAddrV4::new(lab.uplink_source(i), WHOAMI);
-            whoami(lab, &inet, udp, service).unwrap_or_else(|e| {
-                panic!("the gateway's own service through uplink {i} (udp={udp}): {e}")
-            });
-        }
-    }
-    assert!(reason(lab, "pass_inbound_reply") >= 60);
-    assert_eq!(flow_entries(lab), 0, "forwarded connections got flows");
-
-    // Outbound traffic still works beside the forwards.
-    let seen = lab
-        .tcp_whoami(&lab.client(2), None, Duration::from_secs(3))
-        .unwrap();
-    assert!(gw.uplink_sources().contains(seen.ip()));
 }
 
 /// Counts, in each ISP, packets arriving from the gateway with a source other than the
@@ -522,85 +406,4 @@ fn check_warns_about_masquerade_on_an_uplink_not_about_a_forward() {
         "{warned}"
     );
     assert!(!warned.contains("wan1"), "{warned}");
-}
-
-/// A download from a LAN server through a port forward on uplink 2 runs straight through a
-/// daemon restart: the inbound connection is pinned like the flows, so the server's data keeps
-/// being steered back out of uplink 2 (had it been forgotten, its segments would be TCP of no
-/// flow, dropped, and the download would stall).
-#[test]
-fn a_forwarded_download_survives_a_daemon_restart() {
-    let mut gw = Gateway::up("ofe", |p| {
-        let mut spec = LabSpec::new(p, 3);
-        spec.rates_mbit = vec![10, 10, 10];
-        spec
-    });
-    const BYTES: u64 = 6_000_000;
-    let lab = &gw.lab;
-    let tool = lab.labtool().to_string_lossy().into_owned();
-    let client_addr = lab.client_addr(1).to_string();
-    let _lan_server = lab
-        .spawn(&lab.client(1), &[&tool, "serve", "--addr", &client_addr])
-        .unwrap();
-    nft(
-        lab,
-        &lab.gw(),
-        &format!(
-            "table ip portforward {{\n chain prerouting {{\n type nat hook prerouting priority dstnat;\n\
-             tcp dport {FORWARDED} dnat to {client_addr}:8080\n }}\n}}\n"
-        ),
-    );
-    let forwarded = SocketAddrV4::new(lab.uplink_source(2), FORWARDED).to_string();
-    let path = format!("/bytes/{BYTES}");
-    let config = gw.config.clone();
-    let slot = &mut gw.daemon;
-    let (transfer, replies_after) = std::thread::scope(|s| {
-        let download = s.spawn(|| {
-            lab.labtool_exec(
-                &lab.inet(),
-                &[
-                    "http-get",
-                    &forwarded,
-                    "--path",
-                    &path,
-                    "--count",
-                    "--timeout-ms",
-                    "20000",
-                ],
-            )
-            .unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(1500));
-        let mut daemon = slot.take().expect("a running daemon");
-        let exit = daemon.terminate(Duration::from_secs(5)).unwrap();
-        assert!(exit.success(), "daemon exit: {exit}\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(500));
-        *slot = Some(start_daemon(lab, &config));
-        wait_for_dataplane(lab);
-        let replies_before = reason(lab, "pass_inbound_reply");
-        std::thread::sleep(Duration::from_millis(700));
-        let replies_after = reason(lab, "pass_inbound_reply") - replies_before;
-        assert!(
-            !download.is_finished(),
-            "the download ended before the new daemon ran: the restart was not tested"
-        );
-        (download.join().unwrap(), replies_after)
-    });
-    assert!(
-        transfer.status.success(),
-        "the forwarded download across the restart failed: {}\n{}",
-        String::from_utf8_lossy(&transfer.stderr),
-        gw.diagnostics()
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&transfer.stdout).unwrap();
-    eprintln!("forwarded download across the restart: {summary}");
-    assert_eq!(summary["bytes"].as_u64(), Some(BYTES));
-    let gap = summary["max_gap_ms"].as_f64().unwrap();
-    assert!(gap < 1500.0, "the download stalled for {gap:.0} ms");
-    // Counted per skb: with GSO one is up to 64 KiB, so 0.7 s at 10 Mbit/s makes dozens.
-    assert!(
-        replies_after > 10,
-        "the LAN server's data was not steered after the restart ({replies_after})"
-    );
-    assert_eq!(reason(&gw.lab, "drop_tcp_without_flow"), 0);
 }

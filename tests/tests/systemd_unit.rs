@@ -3,12 +3,12 @@
 //! with `contrib/systemd/balancer.service` and `run-balancer-bpffs.mount` installed unchanged and
 //! driven by `nsenter ... systemctl` (see `shared/notes/field-lab.md`).
 //!
-//! What it shows: the service starts at boot while an uplink is not up yet (no network-online
-//! wait) and is active (`Type=notify`), and the uplink joins when it comes up; `systemctl
-//! restart` during a transfer keeps it going (the pins live in the mount unit's bpffs, outside
-//! the service's private mount namespace); `systemctl reload` keeps the same process; the
-//! watchdog is fed; `systemctl stop` leaves forwarding in place; `balancer down` from a shell
-//! removes everything.
+//! What it shows: the service starts at boot while an uplink's interface does not exist yet
+//! (`hotplug = true`, no network-online wait) and is active (`Type=notify`), and the uplink
+//! joins when its interface appears; `systemctl restart` during a transfer keeps it going (the
+//! pins live in the mount unit's bpffs, outside the service's private mount namespace);
+//! `systemctl reload` keeps the same process; the watchdog is fed; `systemctl stop` leaves
+//! forwarding in place; `balancer down` from a shell removes everything.
 //!
 //! Root only; needs `systemd-nspawn` (package systemd-container, installed by `cargo xtask
 //! setup`). The container is stopped by its nspawn process's PID when the test ends.
@@ -29,7 +29,10 @@ use balancer_tests::{
     lab::{Lab, LabSpec, TcpMany},
     process::{ChildGuard, DEFAULT_TIMEOUT, run_bounded},
 };
-use common::*;
+use common::{
+    field::{create_wan, ip},
+    *,
+};
 
 /// Where the container sees the directory holding the built `balancer` binary.
 const BIN_MOUNT: &str = "/mnt/balancer-bin";
@@ -194,14 +197,25 @@ fn the_shipped_units_under_real_systemd() {
     let mut spec = LabSpec::new(&prefix("sd"), 2);
     spec.rates_mbit = vec![50, 50];
     let lab = Lab::up(spec).unwrap();
-    let config = write_config(&lab, "balancer.toml", &lab.balancer_config_toml());
     let gw = lab.gw();
 
-    // Uplink 2's modem is not up yet when the gateway boots.
-    lab.exec_ok(&gw, &["ip", "link", "set", "wan2", "down"])
-        .unwrap();
+    // Uplink 2's modem has not made its interface yet when the gateway boots (a PPP session or
+    // an LTE stick not there yet): `hotplug = true` lets the service start without it. isp2 is
+    // the last `[[uplink]]` table, so the key appended lands in it.
+    ip(&lab, &gw, &["link del wan2".into()]);
+    let config = write_config(
+        &lab,
+        "balancer.toml",
+        &format!("{}hotplug = true\n", lab.balancer_config_toml()),
+    );
     let container = Container::boot(&lab, &config);
     container.wait_active("active");
+    let status = container.exec(&["/usr/local/sbin/balancer", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {status:?}"));
+    let waiting = &status["uplinks"][1];
+    assert_eq!(waiting["name"], "isp2", "{status:#}");
+    assert_eq!(waiting["stages"]["present"]["ok"], false, "{status:#}");
     assert_eq!(container.property("Type"), "notify");
     assert_eq!(container.property("WatchdogUSec"), "10s");
     let first = many(&lab, 6, Duration::from_secs(2));
@@ -212,9 +226,8 @@ fn the_shipped_units_under_real_systemd() {
         "{first:?}"
     );
 
-    // The uplink joins when it comes up.
-    lab.exec_ok(&gw, &["ip", "link", "set", "wan2", "up"])
-        .unwrap();
+    // The uplink joins when its interface appears.
+    create_wan(&lab, 2, lab.uplink_source(2));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = many(&lab, 6, Duration::from_secs(2));

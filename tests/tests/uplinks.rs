@@ -171,31 +171,6 @@ fn an_uplink_named_by_interface_only_learns_its_address_and_follows_a_renumberin
     );
 }
 
-/// Creates uplink `i`'s interface again (a veth to its ISP), with the gateway's address
-/// `source`, as a modem's session coming up does.
-fn create_wan(lab: &Lab, i: usize, source: Ipv4Addr) {
-    ip(
-        lab,
-        &lab.gw(),
-        &[
-            format!(
-                "link add wan{i} type veth peer name down0 netns {}",
-                lab.isp(i)
-            ),
-            format!("addr add {source}/24 dev wan{i}"),
-            format!("link set wan{i} up"),
-        ],
-    );
-    ip(
-        lab,
-        &lab.isp(i),
-        &[
-            format!("addr add {}/24 dev down0", lab.uplink_gateway(i)),
-            "link set down0 up".into(),
-        ],
-    );
-}
-
 fn hotplug_config(lab: &Lab) -> String {
     let mut text = LAN.to_string();
     for i in 1..=2 {

@@ -37,6 +37,31 @@ pub fn ip(lab: &Lab, ns: &str, commands: &[String]) {
     }
 }
 
+/// Creates uplink `i`'s interface again (a veth to its ISP), with the gateway's address
+/// `source`, as a modem's session coming up does.
+pub fn create_wan(lab: &Lab, i: usize, source: Ipv4Addr) {
+    ip(
+        lab,
+        &lab.gw(),
+        &[
+            format!(
+                "link add wan{i} type veth peer name down0 netns {}",
+                lab.isp(i)
+            ),
+            format!("addr add {source}/24 dev wan{i}"),
+            format!("link set wan{i} up"),
+        ],
+    );
+    ip(
+        lab,
+        &lab.isp(i),
+        &[
+            format!("addr add {}/24 dev down0", lab.uplink_gateway(i)),
+            "link set down0 up".into(),
+        ],
+    );
+}
+
 /// Repeats short batches of new connections from client 1 until one comes from `source`;
 /// returns how long that took (panics after `within`).
 pub fn wait_for_new_flows_from(lab: &Lab, source: Ipv4Addr, within: Duration) -> Duration {

@@ -3,7 +3,9 @@
 //! [`transparent`]: the transparent data-plane tests' `Gateway` fixture and shared checks.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod failover;
 pub mod field;
+pub mod office;
 pub mod transparent;
 
 use std::{
