@@ -7,11 +7,17 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = balancer::cli::Cli::parse();
-    let default_level = if matches!(cli.command, balancer::cli::Command::Run { .. }) {
-        "info"
-    } else {
-        "warn"
-    };
+    let daemon = matches!(cli.command, balancer::cli::Command::Run { .. });
+    if !daemon {
+        // A one-shot command piped into `head` ends quietly, as other Unix tools do, instead of
+        // panicking in `println!`. The daemon keeps Rust's default (ignored: a client that
+        // goes away must never end the proxy).
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    let default_level = if daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
