@@ -30,6 +30,10 @@ const TRACK: &str = "track = [\"198.18.9.1\"]\n";
 /// `health.reset_after_ms` (1 s) plus a pass and some scheduling slack.
 const RESET_AFTER_DELETION: Duration = Duration::from_millis(2500);
 
+/// Longest a connection on a renumbered uplink may live on at its client once the new address
+/// is there: it is reset at once, within a pass (with scheduling slack).
+const RESET_AT_ONCE: Duration = Duration::from_millis(1000);
+
 /// Longest a connection on a line that went silent may live on at its client: passive detection
 /// (nothing answered, about a second here) plus the same reset delay and slack. A connection
 /// left hanging runs to the download's end, 7 s later.
@@ -245,6 +249,36 @@ fn a_raw_ip_uplink_named_by_interface_joins_drops_and_comes_back_with_another_ad
     assert_own_traffic_from(&lab, new);
     assert!(nat_addresses(&lab).contains(&new), "new flows in the maps");
     assert_gone(&lab, source);
+
+    // Renumbered in place, as a modem that keeps wwan0 across a reconnect: the connections on
+    // the old address are reset as soon as the new one appears, new flows take the new one.
+    let newer = Ipv4Addr::new(198, 18, 2, 8);
+    let (renumbered, took, ended) = downloads_through(&mut lab, |lab| {
+        lab.set_isp_customer(2, newer).unwrap();
+        ip(
+            lab,
+            &lab.isp(2),
+            &[format!("addr replace {peer} peer {newer} dev down0")],
+        );
+        ip(
+            lab,
+            &lab.gw(),
+            &[
+                format!("addr del {new} peer {peer} dev wan2"),
+                format!("addr add {newer} peer {peer} dev wan2"),
+            ],
+        );
+        let renumbered = Instant::now();
+        (
+            renumbered,
+            wait_for_new_flows_from(lab, newer, Duration::from_secs(2)),
+        )
+    });
+    eprintln!("renumbered in place to {newer}: new flows {took:?} after");
+    assert_reset_only_on(&ended, new, renumbered, RESET_AT_ONCE, &daemon.log());
+    assert_eq!(lte(&lab)["source"], newer.to_string());
+    assert_own_traffic_from(&lab, newer);
+    assert_gone(&lab, new);
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
     assert!(
