@@ -148,6 +148,15 @@ fn assert_own_traffic_from(lab: &Lab, source: Ipv4Addr) {
     assert_eq!(*seen.ip(), source);
 }
 
+/// The address the internet host sees for the gateway's own unbound TCP connection (the
+/// balancer's routes pick the uplink and its source; each ISP drops any other source).
+fn own_unbound_source(lab: &Lab) -> Ipv4Addr {
+    let seen = lab
+        .tcp_whoami(&lab.gw(), None, Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("the gateway's own unbound TCP: {e:#}"));
+    *seen.ip()
+}
+
 /// wan1 and wan3 Ethernet with explicit gateways; wan2 a raw-IP link, absent when the daemon
 /// starts (hotplug, relay not started), then joining, dropping mid-transfer and redialling
 /// with another address.
@@ -190,9 +199,9 @@ fn a_raw_ip_uplink_named_by_interface_joins_drops_and_comes_back_with_another_ad
     };
     assert_eq!(lte(&lab)["stages"]["present"]["ok"], false);
 
-    // The session comes up: new flows from its address within 2 s.
+    // The session comes up: new flows from its address within 2 s, none lost meanwhile.
     lab.connect_raw_ip(2, source, peer).unwrap();
-    let took = wait_for_new_flows_from(&lab, source, Duration::from_secs(2));
+    let took = join_without_loss(&lab, source, Duration::from_secs(2));
     eprintln!("the raw-IP uplink carried new flows {took:?} after it appeared");
     let row = lte(&lab);
     assert_eq!(row["source"], source.to_string(), "{row:#}");
@@ -235,18 +244,25 @@ fn a_raw_ip_uplink_named_by_interface_joins_drops_and_comes_back_with_another_ad
         holed.elapsed(),
         daemon.log()
     );
-    ip(&lab, &lab.isp(1), &["rule del prio 50".into()]);
+    // The gateway's own unbound traffic too: only wan3 is left to carry it.
+    assert_eq!(own_unbound_source(&lab), lab.uplink_source(3));
 
     // Redialled with another address (the ISP now forwards only that one).
     let new = Ipv4Addr::new(198, 18, 2, 7);
     lab.set_isp_customer(2, new).unwrap();
     lab.connect_raw_ip(2, new, peer).unwrap();
-    let took = wait_for_new_flows_from(&lab, new, Duration::from_secs(2));
+    let took = join_without_loss(&lab, new, Duration::from_secs(2));
     eprintln!("back with {new}: new flows {took:?} after it appeared");
     let row = lte(&lab);
     assert_eq!(row["source"], new.to_string(), "{row:#}");
     assert_eq!(row["stages"]["usable"]["ok"], true, "{row:#}");
     assert_own_traffic_from(&lab, new);
+    let unbound = own_unbound_source(&lab);
+    assert!(
+        [new, lab.uplink_source(3)].contains(&unbound),
+        "the gateway's own unbound traffic left as {unbound}, with isp1 still black-holed"
+    );
+    ip(&lab, &lab.isp(1), &["rule del prio 50".into()]);
     assert!(nat_addresses(&lab).contains(&new), "new flows in the maps");
     assert_gone(&lab, source);
 

@@ -55,6 +55,30 @@ pub fn wait_for_new_flows_from(lab: &Lab, source: Ipv4Addr, within: Duration) ->
     }
 }
 
+/// Like [`wait_for_new_flows_from`], and no connection may fail meanwhile: an uplink that joins
+/// takes new flows only once it can carry them (its programs attached, its routes in place).
+pub fn join_without_loss(lab: &Lab, source: Ipv4Addr, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let many = lab
+            .tcp_many(&lab.client(1), 6, None, Duration::from_millis(500))
+            .unwrap();
+        assert_eq!(
+            many.failed,
+            0,
+            "{:?} into the join of {source}: {many:?}",
+            started.elapsed()
+        );
+        if many.sources.contains_key(&source) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "no new flow from {source} within {within:?}: {many:?}"
+        );
+    }
+}
+
 /// The uplink addresses the gateway's NAT maps hold: every flow's translated address (`FLOWS`)
 /// and every reverse entry's (`NAT_REVERSE`), read from the pins like `balancer stats` does.
 pub fn nat_addresses(lab: &Lab) -> std::collections::BTreeSet<Ipv4Addr> {
