@@ -252,3 +252,64 @@ fn the_lab_renumbers_a_dhcp_uplink() {
         .unwrap();
     assert_eq!(*seen.ip(), new);
 }
+
+/// Two DHCP uplinks, each client installing its own default route in main at a metric of its
+/// own, both named by interface only: each learns its gateway from its own route, whatever its
+/// metric, and both carry new flows and the gateway's own traffic.
+#[test]
+fn two_dhcp_uplinks_with_distinct_metrics_each_learn_their_gateway() {
+    let gw = Gateway::up_with(
+        "f2",
+        |p| {
+            let mut spec = LabSpec::new(p, 2);
+            spec.rates_mbit.clear();
+            spec.dhcp = vec![1, 2];
+            spec
+        },
+        |_| {
+            format!(
+                "{LAN}\n[[uplink]]\nname = \"cable\"\ninterface = \"wan1\"\n\n[[uplink]]\nname = \"fibre\"\ninterface = \"wan2\"\n"
+            )
+        },
+    );
+    let lab = &gw.lab;
+    let main = lab
+        .exec_ok(&lab.gw(), &["ip", "route", "show", "default"])
+        .unwrap();
+    for i in 1..=2 {
+        assert!(
+            main.contains(&format!(
+                "default via {} dev wan{i} metric {}",
+                lab.uplink_gateway(i),
+                dhcp_route_metric(i)
+            )),
+            "{main}"
+        );
+    }
+    let status = common::field::status(lab);
+    for i in 1..=2 {
+        let row = &status["uplinks"][i - 1];
+        assert_eq!(row["source"], lab.uplink_source(i).to_string(), "{row:#}");
+        assert_eq!(row["gateway"], lab.uplink_gateway(i).to_string(), "{row:#}");
+    }
+    let many = lab
+        .tcp_many(&lab.client(1), 20, None, Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(many.failed, 0, "{many:?}\n{}", gw.diagnostics());
+    for i in 1..=2 {
+        assert!(
+            many.sources
+                .get(&lab.uplink_source(i))
+                .is_some_and(|&n| n >= 5),
+            "uplink {i}: {many:?}"
+        );
+        let seen = lab
+            .tcp_whoami(
+                &lab.gw(),
+                Some(lab.uplink_source(i)),
+                Duration::from_secs(3),
+            )
+            .unwrap();
+        assert_eq!(*seen.ip(), lab.uplink_source(i));
+    }
+}
