@@ -313,3 +313,51 @@ fn two_dhcp_uplinks_with_distinct_metrics_each_learn_their_gateway() {
         assert_eq!(*seen.ip(), lab.uplink_source(i));
     }
 }
+
+/// A raw-IP link whose address has no peer (some LTE modems hand out a plain /32): there is no
+/// gateway to learn and none is needed; the uplink's routes use the device only, and it
+/// carries new flows and the gateway's own traffic with its address.
+#[test]
+fn a_raw_ip_uplink_without_a_peer_needs_no_gateway() {
+    let gw = field_lab();
+    let lab = &gw.lab;
+    let source = lab.uplink_source(2);
+    common::field::ip(
+        lab,
+        &lab.gw(),
+        &[
+            "addr flush dev wan2".into(),
+            format!("addr add {source}/32 dev wan2"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let table = loop {
+        let table = lab
+            .exec_ok(&lab.gw(), &["ip", "route", "show", "table", "2002"])
+            .unwrap();
+        if table.contains(&format!(
+            "default dev wan2 proto 77 scope link src {source}"
+        )) {
+            break table;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the uplink's table must route by device only:\n{table}\n{}",
+            gw.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !table.contains(" via "),
+        "no gateway to route via:\n{table}"
+    );
+    let row = common::field::status(lab)["uplinks"][1].clone();
+    // `status` shows a route by device only as gateway "dev".
+    assert_eq!(row["gateway"], "dev", "{row:#}");
+    assert_eq!(row["stages"]["usable"]["ok"], true, "{row:#}");
+    common::field::wait_for_new_flows_from(lab, source, Duration::from_secs(2));
+    let seen = lab
+        .tcp_whoami(&lab.gw(), Some(source), Duration::from_secs(3))
+        .unwrap();
+    assert_eq!(*seen.ip(), source);
+}
