@@ -23,8 +23,8 @@ use balancer_tests::{
 };
 use common::{field::*, *};
 
-/// The internet host every uplink probes.
-const TRACK: &str = "track = [\"198.18.9.1\"]\n";
+/// The internet host every uplink probes, and the lab's DNS server (which the proxy needs).
+const TRACK: &str = "track = [\"198.18.9.1\"]\ndns = [\"198.18.9.53\"]\n";
 
 /// Longest a connection on a deleted uplink may live on at its client: the default
 /// `health.reset_after_ms` (1 s) plus a pass and some scheduling slack.
@@ -35,9 +35,10 @@ const RESET_AFTER_DELETION: Duration = Duration::from_millis(2500);
 const RESET_AT_ONCE: Duration = Duration::from_millis(1000);
 
 /// Longest a connection on a line that went silent may live on at its client: passive detection
-/// (nothing answered, about a second here) plus the same reset delay and slack. A connection
-/// left hanging runs to the download's end, 7 s later.
-const RESET_AFTER_SILENCE: Duration = Duration::from_millis(3500);
+/// (nothing answered, about a second here) plus the same reset delay, with room for a loaded
+/// machine (measured 2.0 s idle, 3.6 s under load). A connection left hanging is not an error
+/// at all: it runs to the download's end and is caught by its peer and gap.
+const RESET_AFTER_SILENCE: Duration = Duration::from_millis(5000);
 
 /// What one download of [`downloads_through`] came to, and when it ended.
 struct Ended {
@@ -176,7 +177,7 @@ fn a_raw_ip_uplink_named_by_interface_joins_drops_and_comes_back_with_another_ad
         ));
     }
     text.push_str(&format!(
-        "\n[[uplink]]\nname = \"lte\"\nid = 2\ninterface = \"wan2\"\nhotplug = true\n{TRACK}"
+        "\n[[uplink]]\nname = \"lte\"\nid = 2\ninterface = \"wan2\"\nhotplug = true\n{TRACK}\n[proxy]\nlisten = \"{PROXY}\"\n"
     ));
     let config = write_config(&lab, "balancer.toml", &text);
     let check = balancer(&lab, &["check", "-c", &config]);
@@ -262,6 +263,12 @@ fn a_raw_ip_uplink_named_by_interface_joins_drops_and_comes_back_with_another_ad
         [new, lab.uplink_source(3)].contains(&unbound),
         "the gateway's own unbound traffic left as {unbound}, with isp1 still black-holed"
     );
+    // The proxy follows too: it reaches out from the new address, never the old one.
+    let proxied = proxied_sources(&lab, 6);
+    assert!(
+        proxied.contains_key(&new.to_string()) && !proxied.contains_key(&source.to_string()),
+        "proxied after the redial: {proxied:?}"
+    );
     ip(&lab, &lab.isp(1), &["rule del prio 50".into()]);
     assert!(nat_addresses(&lab).contains(&new), "new flows in the maps");
     assert_gone(&lab, source);
@@ -294,6 +301,11 @@ fn a_raw_ip_uplink_named_by_interface_joins_drops_and_comes_back_with_another_ad
     assert_reset_only_on(&ended, new, renumbered, RESET_AT_ONCE, &daemon.log());
     assert_eq!(lte(&lab)["source"], newer.to_string());
     assert_own_traffic_from(&lab, newer);
+    let proxied = proxied_sources(&lab, 9);
+    assert!(
+        proxied.contains_key(&newer.to_string()) && !proxied.contains_key(&new.to_string()),
+        "proxied after the renumbering: {proxied:?}"
+    );
     assert_gone(&lab, new);
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
@@ -314,7 +326,7 @@ fn a_dhcp_uplink_named_by_interface_follows_a_renumbering_mid_transfer() {
     let mut lab = Lab::up(spec).unwrap();
     let old = lab.uplink_source(2);
     let text = format!(
-        "{LAN}\n[[uplink]]\nname = \"isp1\"\nid = 1\ninterface = \"wan1\"\ngateway = \"{}\"\n{TRACK}\n[[uplink]]\nname = \"cable\"\nid = 2\ninterface = \"wan2\"\n{TRACK}",
+        "{LAN}\n[[uplink]]\nname = \"isp1\"\nid = 1\ninterface = \"wan1\"\ngateway = \"{}\"\n{TRACK}\n[[uplink]]\nname = \"cable\"\nid = 2\ninterface = \"wan2\"\n{TRACK}\n[proxy]\nlisten = \"{PROXY}\"\n",
         lab.uplink_gateway(1)
     );
     let config = write_config(&lab, "balancer.toml", &text);
@@ -353,6 +365,11 @@ fn a_dhcp_uplink_named_by_interface_follows_a_renumbering_mid_transfer() {
         .unwrap();
     assert_eq!(many.failed, 0, "{many:?}\n{}", daemon.log());
     assert!(many.sources.contains_key(&new), "{many:?}");
+    let proxied = proxied_sources(&lab, 6);
+    assert!(
+        proxied.contains_key(&new.to_string()) && !proxied.contains_key(&old.to_string()),
+        "proxied after the renumbering: {proxied:?}"
+    );
     assert!(nat_addresses(&lab).contains(&new), "new flows in the maps");
     assert_gone(&lab, old);
     daemon.terminate(Duration::from_secs(5)).unwrap();

@@ -13,7 +13,6 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
     process::Command,
     time::{Duration, Instant},
 };
@@ -22,9 +21,10 @@ use balancer_tests::{
     lab::{DNS_ADDR, Lab, LabSpec, dhcp_route_metric},
     process::{DEFAULT_TIMEOUT, run_bounded},
 };
-use common::{field::LAN, transparent::Gateway};
-
-const PROXY: &str = "198.18.0.1:3128";
+use common::{
+    field::{LAN, PROXY, proxied_sources},
+    transparent::Gateway,
+};
 
 /// wan1 Ethernet, wan2 raw IP, wan3 DHCP; unshaped, so only the kind of link differs.
 fn field_lab() -> Gateway {
@@ -52,43 +52,6 @@ fn by_interface_config(lab: &Lab) -> String {
          \n[proxy]\nlisten = \"{PROXY}\"\n",
         lab.uplink_gateway(1)
     )
-}
-
-/// `count` requests through the proxy from client 1: the addresses the internet host saw,
-/// counted. The proxy serves once the first apply is done; early refusals are retried.
-fn proxied_sources(lab: &Lab, count: u32) -> BTreeMap<String, u32> {
-    let mut seen = BTreeMap::<String, u32>::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for _ in 0..count {
-        let body = loop {
-            let out = lab
-                .exec(
-                    &lab.client(1),
-                    &[
-                        "curl",
-                        "-sS",
-                        "--max-time",
-                        "5",
-                        "--proxy",
-                        &format!("http://{PROXY}"),
-                        "http://198.18.9.1:8080/",
-                    ],
-                )
-                .unwrap();
-            if out.status.success() || Instant::now() > deadline {
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                break String::from_utf8_lossy(&out.stdout).into_owned();
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let address = body.trim().split(':').next().unwrap_or_default().to_owned();
-        *seen.entry(address).or_default() += 1;
-    }
-    seen
 }
 
 #[test]

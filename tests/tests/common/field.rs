@@ -2,6 +2,7 @@
 //! waiting for new flows from an address, what the NAT maps hold, and SIGHUP reloads.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     thread,
     time::{Duration, Instant},
@@ -15,6 +16,9 @@ use balancer_tests::{
 use super::*;
 
 pub const LAN: &str = "[lan]\ninterfaces = [\"lan0\"]\nnetworks = [\"198.18.0.0/24\"]\n";
+
+/// Where the field tests' configs put the forward proxy.
+pub const PROXY: &str = "198.18.0.1:3128";
 
 pub fn status(lab: &Lab) -> serde_json::Value {
     let output = balancer(lab, &["status", "--json"]);
@@ -172,4 +176,41 @@ pub fn reload(lab: &Lab, daemon: &ChildGuard, config_path: &str, text: &str) -> 
         );
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `count` requests through the proxy from client 1: the addresses the internet host saw,
+/// counted. The proxy serves once the first apply is done; early refusals are retried.
+pub fn proxied_sources(lab: &Lab, count: u32) -> BTreeMap<String, u32> {
+    let mut seen = BTreeMap::<String, u32>::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..count {
+        let body = loop {
+            let out = lab
+                .exec(
+                    &lab.client(1),
+                    &[
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "5",
+                        "--proxy",
+                        &format!("http://{PROXY}"),
+                        "http://198.18.9.1:8080/",
+                    ],
+                )
+                .unwrap();
+            if out.status.success() || Instant::now() > deadline {
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                break String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let address = body.trim().split(':').next().unwrap_or_default().to_owned();
+        *seen.entry(address).or_default() += 1;
+    }
+    seen
 }
