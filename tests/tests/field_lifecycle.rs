@@ -380,3 +380,56 @@ fn a_dhcp_uplink_named_by_interface_follows_a_renumbering_mid_transfer() {
         String::from_utf8_lossy(&down.stderr)
     );
 }
+
+/// A raw-IP session that drops and redials at once with the same address (a new device, a new
+/// ifindex) keeps its connections: they stall for the moment the link is away, and are not
+/// reset.
+#[test]
+fn a_raw_ip_uplink_redialled_with_the_same_address_keeps_its_connections() {
+    let mut spec = LabSpec::new(&prefix("fk"), 2);
+    spec.rates_mbit.clear();
+    spec.raw_ip = vec![2];
+    let mut lab = Lab::up(spec).unwrap();
+    let (source, peer) = (lab.uplink_source(2), lab.uplink_gateway(2));
+    let text = format!(
+        "{LAN}\n[[uplink]]\nname = \"isp1\"\nid = 1\ninterface = \"wan1\"\ngateway = \"{}\"\n{TRACK}\n[[uplink]]\nname = \"lte\"\nid = 2\ninterface = \"wan2\"\nhotplug = true\n{TRACK}",
+        lab.uplink_gateway(1)
+    );
+    let config = write_config(&lab, "balancer.toml", &text);
+    let mut daemon = start_daemon(&lab, &config);
+    wait_for_dataplane(&lab);
+    join_without_loss(&lab, source, Duration::from_secs(2));
+    let (redialled, away, ended) = downloads_through(&mut lab, |lab| {
+        let dropped = Instant::now();
+        lab.disconnect_raw_ip(2).unwrap();
+        lab.connect_raw_ip(2, source, peer).unwrap();
+        (Instant::now(), dropped.elapsed())
+    });
+    eprintln!("the link was away for {away:?}");
+    let mut on_redialled = 0;
+    for (n, download) in ended.iter().enumerate() {
+        let transfer = download.result.as_ref().unwrap_or_else(|e| {
+            panic!(
+                "download {n} ended {:?} after the redial: {e:#}\n{}",
+                download.at.saturating_duration_since(redialled),
+                daemon.log()
+            )
+        });
+        if transfer.peer.is_some_and(|peer| *peer.ip() == source) {
+            on_redialled += 1;
+        }
+    }
+    assert!(on_redialled > 0, "no download ran on the redialled link");
+    let many = lab
+        .tcp_many(&lab.client(1), 10, None, Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(many.failed, 0, "{many:?}");
+    assert!(many.sources.contains_key(&source), "{many:?}");
+    daemon.terminate(Duration::from_secs(5)).unwrap();
+    let down = balancer(&lab, &["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+}
