@@ -172,19 +172,16 @@ fn an_uplink_named_by_interface_only_learns_its_address_and_follows_a_renumberin
 }
 
 /// Creates uplink `i`'s interface again (a veth to its ISP), with the gateway's address
-/// `source`, as a modem's session coming up does.
+/// `source`, as a modem's session coming up does: the ISP's end is ready before the gateway's
+/// end gets its address.
 fn create_wan(lab: &Lab, i: usize, source: Ipv4Addr) {
     ip(
         lab,
         &lab.gw(),
-        &[
-            format!(
-                "link add wan{i} type veth peer name down0 netns {}",
-                lab.isp(i)
-            ),
-            format!("addr add {source}/24 dev wan{i}"),
-            format!("link set wan{i} up"),
-        ],
+        &[format!(
+            "link add wan{i} type veth peer name down0 netns {}",
+            lab.isp(i)
+        )],
     );
     ip(
         lab,
@@ -192,6 +189,14 @@ fn create_wan(lab: &Lab, i: usize, source: Ipv4Addr) {
         &[
             format!("addr add {}/24 dev down0", lab.uplink_gateway(i)),
             "link set down0 up".into(),
+        ],
+    );
+    ip(
+        lab,
+        &lab.gw(),
+        &[
+            format!("addr add {source}/24 dev wan{i}"),
+            format!("link set wan{i} up"),
         ],
     );
 }
@@ -243,7 +248,7 @@ fn an_absent_uplink_joins_and_a_deleted_one_leaves_the_rotation_at_once() {
 
     let appeared = Instant::now();
     create_wan(&lab, 3, lab.uplink_source(3));
-    let took = wait_for_new_flows_from(&lab, lab.uplink_source(3), Duration::from_secs(2));
+    let took = join_without_loss(&lab, lab.uplink_source(3), Duration::from_secs(2));
     eprintln!(
         "the new uplink carried new flows {took:?} after it appeared ({:?})",
         appeared.elapsed()
