@@ -1,9 +1,10 @@
 //! Uplinks as they come in the field, in the lab: a raw-IP point-to-point uplink (TUN devices,
 //! no Ethernet header, `A peer B`, what PPPoE's `ppp0` or an LTE modem's `wwan0` is to tc) and a
 //! DHCP-addressed one (dnsmasq at the ISP, udhcpc on the gateway), beside Ethernet: transparent,
-//! proxied and the gateway's own traffic, and the lab's redial and renumbering. Each ISP
-//! forwards only its own uplink's source address, so a connection that arrives with the right
-//! source proves the translation (or the gateway's own routing) on that uplink.
+//! proxied and the gateway's own traffic, and the lab's redial and renumbering. The raw-IP and
+//! DHCP uplinks are configured by interface name only: their addresses and gateways are learned.
+//! Each ISP forwards only its own uplink's source address, so a connection that arrives with
+//! the right source proves the translation (or the gateway's own routing) on that uplink.
 //!
 //! Root only. Each test builds its own lab (prefix `bal-fu<pid>`) with `balancer run` in it,
 //! one at a time under the shared lock of `common::transparent`.
@@ -11,27 +12,50 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use balancer_tests::{
-    lab::{LabSpec, dhcp_route_metric},
+    lab::{DNS_ADDR, Lab, LabSpec, dhcp_route_metric},
     process::{DEFAULT_TIMEOUT, run_bounded},
 };
-use common::transparent::Gateway;
+use common::{
+    field::{LAN, PROXY, proxied_sources},
+    transparent::Gateway,
+};
 
 /// wan1 Ethernet, wan2 raw IP, wan3 DHCP; unshaped, so only the kind of link differs.
 fn field_lab() -> Gateway {
-    Gateway::up("fu", |p| {
-        let mut spec = LabSpec::new(p, 3);
-        spec.rates_mbit.clear();
-        spec.raw_ip = vec![2];
-        spec.dhcp = vec![3];
-        spec
-    })
+    Gateway::up_with(
+        "fu",
+        |p| {
+            let mut spec = LabSpec::new(p, 3);
+            spec.rates_mbit.clear();
+            spec.raw_ip = vec![2];
+            spec.dhcp = vec![3];
+            spec
+        },
+        by_interface_config,
+    )
+}
+
+/// wan1, Ethernet without a default route in main, names its gateway; the raw-IP wan2 and the
+/// DHCP wan3 are named by interface only. With the forward proxy on the LAN.
+fn by_interface_config(lab: &Lab) -> String {
+    let dns = format!("dns = [\"{DNS_ADDR}\"]");
+    format!(
+        "{LAN}\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"{}\"\n{dns}\n\
+         \n[[uplink]]\nname = \"lte\"\ninterface = \"wan2\"\n{dns}\n\
+         \n[[uplink]]\nname = \"cable\"\ninterface = \"wan3\"\n{dns}\n\
+         \n[proxy]\nlisten = \"{PROXY}\"\n",
+        lab.uplink_gateway(1)
+    )
 }
 
 #[test]
-fn raw_ip_and_dhcp_uplinks_carry_transparent_and_own_traffic_with_their_source() {
+fn raw_ip_and_dhcp_uplinks_named_by_interface_carry_transparent_proxied_and_own_traffic() {
     let gw = field_lab();
     let lab = &gw.lab;
     // The lab really built the field's links: no link-layer header on wan2, a leased address
@@ -53,6 +77,15 @@ fn raw_ip_and_dhcp_uplinks_carry_transparent_and_own_traffic_with_their_source()
         )),
         "{main}"
     );
+
+    // What the daemon learned: the raw-IP link's peer and the lease's router are the gateways.
+    let status = common::field::status(lab);
+    for (row, i) in [(1, 2), (2, 3)] {
+        let row = &status["uplinks"][row];
+        assert_eq!(row["source"], lab.uplink_source(i).to_string(), "{row:#}");
+        assert_eq!(row["gateway"], lab.uplink_gateway(i).to_string(), "{row:#}");
+        assert_eq!(row["stages"]["usable"]["ok"], true, "{row:#}");
+    }
 
     // Transparent: new connections from a client are spread over all three, each translated
     // to its uplink's address (any other source is dropped by that ISP).
@@ -92,6 +125,22 @@ fn raw_ip_and_dhcp_uplinks_carry_transparent_and_own_traffic_with_their_source()
             .unwrap();
         assert_eq!(*seen.ip(), lab.uplink_source(i));
     }
+
+    // Proxied: the proxy binds each upstream connection to an uplink's learned address.
+    let seen = proxied_sources(lab, 9);
+    for i in 1..=3 {
+        let source = lab.uplink_source(i).to_string();
+        assert!(
+            seen.get(&source).is_some_and(|&n| n >= 2),
+            "uplink {i} ({source}) under-used or unused by the proxy: {seen:?}\n{}",
+            gw.diagnostics()
+        );
+    }
+    assert_eq!(
+        seen.values().sum::<u32>(),
+        9,
+        "only uplink addresses: {seen:?}"
+    );
 }
 
 /// Ending a raw-IP uplink's relay deletes both of its interfaces, as a dropped PPP session
@@ -167,67 +216,111 @@ fn the_lab_renumbers_a_dhcp_uplink() {
     assert_eq!(*seen.ip(), new);
 }
 
-/// The forward proxy binds each upstream connection to an uplink's address: over the raw-IP
-/// and the DHCP uplink too, the internet host sees that uplink's address.
+/// Two DHCP uplinks, each client installing its own default route in main at a metric of its
+/// own, both named by interface only: each learns its gateway from its own route, whatever its
+/// metric, and both carry new flows and the gateway's own traffic.
 #[test]
-fn the_proxy_reaches_out_over_raw_ip_and_dhcp_uplinks() {
-    let mut spec = LabSpec::new(&common::prefix("fp"), 3);
-    spec.rates_mbit.clear();
-    spec.raw_ip = vec![2];
-    spec.dhcp = vec![3];
-    let lab = balancer_tests::lab::Lab::up(spec).unwrap();
-    let text = format!(
-        "{}\n[proxy]\nlisten = \"198.18.0.1:3128\"\n",
-        lab.balancer_config_toml().replace(
-            "weight =",
-            &format!("dns = [\"{}\"]\nweight =", balancer_tests::lab::DNS_ADDR)
-        )
+fn two_dhcp_uplinks_with_distinct_metrics_each_learn_their_gateway() {
+    let gw = Gateway::up_with(
+        "f2",
+        |p| {
+            let mut spec = LabSpec::new(p, 2);
+            spec.rates_mbit.clear();
+            spec.dhcp = vec![1, 2];
+            spec
+        },
+        |_| {
+            format!(
+                "{LAN}\n[[uplink]]\nname = \"cable\"\ninterface = \"wan1\"\n\n[[uplink]]\nname = \"fibre\"\ninterface = \"wan2\"\n"
+            )
+        },
     );
-    let config = common::write_config(&lab, "balancer.toml", &text);
-    let daemon = common::start_daemon(&lab, &config);
-    let mut seen = std::collections::BTreeMap::<String, u32>::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    for _ in 0..9 {
-        // The proxy serves once the first apply is done; early refusals are retried.
-        let body = loop {
-            let out = lab
-                .exec(
-                    &lab.client(1),
-                    &[
-                        "curl",
-                        "-sS",
-                        "--max-time",
-                        "5",
-                        "--proxy",
-                        "http://198.18.0.1:3128",
-                        "http://198.18.9.1:8080/",
-                    ],
-                )
-                .unwrap();
-            if out.status.success() || std::time::Instant::now() > deadline {
-                assert!(
-                    out.status.success(),
-                    "{}\n{}",
-                    String::from_utf8_lossy(&out.stderr),
-                    daemon.log()
-                );
-                break String::from_utf8_lossy(&out.stdout).into_owned();
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let address = body.trim().split(':').next().unwrap_or_default().to_owned();
-        *seen.entry(address).or_default() += 1;
-    }
-    for i in 1..=3 {
-        let source = lab.uplink_source(i).to_string();
+    let lab = &gw.lab;
+    let main = lab
+        .exec_ok(&lab.gw(), &["ip", "route", "show", "default"])
+        .unwrap();
+    for i in 1..=2 {
         assert!(
-            seen.get(&source).is_some_and(|&n| n >= 2),
-            "uplink {i} ({source}) under-used or unused: {seen:?}"
+            main.contains(&format!(
+                "default via {} dev wan{i} metric {}",
+                lab.uplink_gateway(i),
+                dhcp_route_metric(i)
+            )),
+            "{main}"
         );
     }
-    assert_eq!(
-        seen.values().sum::<u32>(),
-        9,
-        "only uplink addresses: {seen:?}"
+    let status = common::field::status(lab);
+    for i in 1..=2 {
+        let row = &status["uplinks"][i - 1];
+        assert_eq!(row["source"], lab.uplink_source(i).to_string(), "{row:#}");
+        assert_eq!(row["gateway"], lab.uplink_gateway(i).to_string(), "{row:#}");
+    }
+    let many = lab
+        .tcp_many(&lab.client(1), 20, None, Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(many.failed, 0, "{many:?}\n{}", gw.diagnostics());
+    for i in 1..=2 {
+        assert!(
+            many.sources
+                .get(&lab.uplink_source(i))
+                .is_some_and(|&n| n >= 5),
+            "uplink {i}: {many:?}"
+        );
+        let seen = lab
+            .tcp_whoami(
+                &lab.gw(),
+                Some(lab.uplink_source(i)),
+                Duration::from_secs(3),
+            )
+            .unwrap();
+        assert_eq!(*seen.ip(), lab.uplink_source(i));
+    }
+}
+
+/// A raw-IP link whose address has no peer (some LTE modems hand out a plain /32): there is no
+/// gateway to learn and none is needed; the uplink's routes use the device only, and it
+/// carries new flows and the gateway's own traffic with its address.
+#[test]
+fn a_raw_ip_uplink_without_a_peer_needs_no_gateway() {
+    let gw = field_lab();
+    let lab = &gw.lab;
+    let source = lab.uplink_source(2);
+    common::field::ip(
+        lab,
+        &lab.gw(),
+        &[
+            "addr flush dev wan2".into(),
+            format!("addr add {source}/32 dev wan2"),
+        ],
     );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let table = loop {
+        let table = lab
+            .exec_ok(&lab.gw(), &["ip", "route", "show", "table", "2002"])
+            .unwrap();
+        if table.contains(&format!(
+            "default dev wan2 proto 77 scope link src {source}"
+        )) {
+            break table;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the uplink's table must route by device only:\n{table}\n{}",
+            gw.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !table.contains(" via "),
+        "no gateway to route via:\n{table}"
+    );
+    let row = common::field::status(lab)["uplinks"][1].clone();
+    // `status` shows a route by device only as gateway "dev".
+    assert_eq!(row["gateway"], "dev", "{row:#}");
+    assert_eq!(row["stages"]["usable"]["ok"], true, "{row:#}");
+    common::field::wait_for_new_flows_from(lab, source, Duration::from_secs(2));
+    let seen = lab
+        .tcp_whoami(&lab.gw(), Some(source), Duration::from_secs(3))
+        .unwrap();
+    assert_eq!(*seen.ip(), source);
 }

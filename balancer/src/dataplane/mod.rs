@@ -301,8 +301,18 @@ impl Dataplane {
 }
 
 impl Dataplane {
-    /// Makes the maps and the attachments match `desired`.
+    /// Makes the maps and the attachments match `desired`. New hooks are attached before the
+    /// maps are written and unwanted ones detached after: an uplink that joins is in the
+    /// schedule only once its programs translate at its egress, and one that leaves is out of
+    /// it before they go, so no flow leaves by an uplink untranslated (its ISP drops it).
     pub fn apply(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
+        let attached = self.attach_wanted(desired);
+        self.write_maps(desired)?;
+        self.detach_unwanted(desired)?;
+        attached
+    }
+
+    fn write_maps(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
         if self.written.as_ref() != Some(desired) {
             let destinations_changed = self
                 .written
@@ -333,13 +343,13 @@ impl Dataplane {
                 self.release_stale_flows(desired)?;
             }
         }
-        self.attach_all(desired)
+        Ok(())
     }
 
     /// Attaches every wanted hook, best effort: one interface that refuses (vanished between
     /// the observation and now) never keeps the others from being attached. Returns the first
     /// failure after trying them all.
-    fn attach_all(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
+    fn attach_wanted(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
         let mut first_error = None;
         for attachment in &desired.attachments {
             let hook = (attachment.interface.index, attachment.direction);
@@ -356,7 +366,11 @@ impl Dataplane {
                 }
             }
         }
-        // Hooks no longer wanted (an uplink removed from the config): unpinning detaches them.
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Hooks no longer wanted (an uplink removed from the config): unpinning detaches them.
+    fn detach_unwanted(&mut self, desired: &DataplaneDesired) -> Result<(), DataplaneError> {
         if let Some(pins) = &self.pins {
             let wanted: BTreeSet<std::path::PathBuf> = desired
                 .attachments
@@ -379,7 +393,7 @@ impl Dataplane {
                 wanted.contains(&pins.link(*ifindex, direction.name()))
             });
         }
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 
     fn attach_one(&mut self, attachment: &desired::Attachment) -> Result<(), DataplaneError> {

@@ -24,6 +24,9 @@ pub struct Transfer {
     /// Longest time without data (download and http-get only).
     #[serde(default)]
     pub max_gap_ms: Option<f64>,
+    /// The address and port the server saw (after any NAT; `download` only).
+    #[serde(default)]
+    pub peer: Option<SocketAddrV4>,
 }
 
 /// Summary printed by `labtool tcp-many`.

@@ -69,18 +69,20 @@ impl Lab {
             thread::sleep(Duration::from_millis(10));
         }
         self.servers.push(guard);
-        ip_batch(
-            &gw,
-            &[
-                format!("addr add {source} peer {peer} dev {wan}"),
-                format!("link set {wan} up"),
-            ],
-        )?;
+        // The ISP's end first: when pppd addresses ppp0, the session is up at both ends, so a
+        // balancer that takes the uplink the moment it has its address must find a peer there.
         ip_batch(
             &isp,
             &[
                 format!("addr add {peer} peer {source} dev {ISP_DEVICE}"),
                 format!("link set {ISP_DEVICE} up"),
+            ],
+        )?;
+        ip_batch(
+            &gw,
+            &[
+                format!("addr add {source} peer {peer} dev {wan}"),
+                format!("link set {wan} up"),
             ],
         )?;
         self.write_state()

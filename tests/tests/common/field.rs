@@ -2,6 +2,7 @@
 //! waiting for new flows from an address, what the NAT maps hold, and SIGHUP reloads.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     thread,
     time::{Duration, Instant},
@@ -15,6 +16,9 @@ use balancer_tests::{
 use super::*;
 
 pub const LAN: &str = "[lan]\ninterfaces = [\"lan0\"]\nnetworks = [\"198.18.0.0/24\"]\n";
+
+/// Where the field tests' configs put the forward proxy.
+pub const PROXY: &str = "198.18.0.1:3128";
 
 pub fn status(lab: &Lab) -> serde_json::Value {
     let output = balancer(lab, &["status", "--json"]);
@@ -38,19 +42,16 @@ pub fn ip(lab: &Lab, ns: &str, commands: &[String]) {
 }
 
 /// Creates uplink `i`'s interface again (a veth to its ISP), with the gateway's address
-/// `source`, as a modem's session coming up does.
+/// `source`, as a modem's session coming up does: the ISP's end is ready before the gateway's
+/// end gets its address.
 pub fn create_wan(lab: &Lab, i: usize, source: Ipv4Addr) {
     ip(
         lab,
         &lab.gw(),
-        &[
-            format!(
-                "link add wan{i} type veth peer name down0 netns {}",
-                lab.isp(i)
-            ),
-            format!("addr add {source}/24 dev wan{i}"),
-            format!("link set wan{i} up"),
-        ],
+        &[format!(
+            "link add wan{i} type veth peer name down0 netns {}",
+            lab.isp(i)
+        )],
     );
     ip(
         lab,
@@ -58,6 +59,14 @@ pub fn create_wan(lab: &Lab, i: usize, source: Ipv4Addr) {
         &[
             format!("addr add {}/24 dev down0", lab.uplink_gateway(i)),
             "link set down0 up".into(),
+        ],
+    );
+    ip(
+        lab,
+        &lab.gw(),
+        &[
+            format!("addr add {source}/24 dev wan{i}"),
+            format!("link set wan{i} up"),
         ],
     );
 }
@@ -70,6 +79,30 @@ pub fn wait_for_new_flows_from(lab: &Lab, source: Ipv4Addr, within: Duration) ->
         let many = lab
             .tcp_many(&lab.client(1), 6, None, Duration::from_millis(500))
             .unwrap();
+        if many.sources.contains_key(&source) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "no new flow from {source} within {within:?}: {many:?}"
+        );
+    }
+}
+
+/// Like [`wait_for_new_flows_from`], and no connection may fail meanwhile: an uplink that joins
+/// takes new flows only once it can carry them (its programs attached, its routes in place).
+pub fn join_without_loss(lab: &Lab, source: Ipv4Addr, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let many = lab
+            .tcp_many(&lab.client(1), 6, None, Duration::from_millis(500))
+            .unwrap();
+        assert_eq!(
+            many.failed,
+            0,
+            "{:?} into the join of {source}: {many:?}",
+            started.elapsed()
+        );
         if many.sources.contains_key(&source) {
             return started.elapsed();
         }
@@ -173,4 +206,41 @@ pub fn reload(lab: &Lab, daemon: &ChildGuard, config_path: &str, text: &str) -> 
         );
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `count` requests through the proxy from client 1: the addresses the internet host saw,
+/// counted. The proxy serves once the first apply is done; early refusals are retried.
+pub fn proxied_sources(lab: &Lab, count: u32) -> BTreeMap<String, u32> {
+    let mut seen = BTreeMap::<String, u32>::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..count {
+        let body = loop {
+            let out = lab
+                .exec(
+                    &lab.client(1),
+                    &[
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "5",
+                        "--proxy",
+                        &format!("http://{PROXY}"),
+                        "http://198.18.9.1:8080/",
+                    ],
+                )
+                .unwrap();
+            if out.status.success() || Instant::now() > deadline {
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                break String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let address = body.trim().split(':').next().unwrap_or_default().to_owned();
+        *seen.entry(address).or_default() += 1;
+    }
+    seen
 }

@@ -30,11 +30,20 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn up(tag: &str, spec: impl FnOnce(&str) -> LabSpec) -> Gateway {
+        Gateway::up_with(tag, spec, Lab::balancer_config_toml)
+    }
+
+    /// Like [`Gateway::up`], with the config text `config` makes for the lab.
+    pub fn up_with(
+        tag: &str,
+        spec: impl FnOnce(&str) -> LabSpec,
+        config: impl FnOnce(&Lab) -> String,
+    ) -> Gateway {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let lab = Lab::up(spec(&prefix(tag))).unwrap_or_else(|e| panic!("lab up: {e:#}"));
-        let config = write_config(&lab, "balancer.toml", &lab.balancer_config_toml());
+        let config = write_config(&lab, "balancer.toml", &config(&lab));
         let daemon = start_daemon(&lab, &config);
         let gateway = Gateway {
             daemon: Some(daemon),
