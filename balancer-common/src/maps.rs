@@ -2,10 +2,12 @@
 
 /// Bumped whenever a map's key, value or size changes meaning: pins live under a directory
 /// named after it, so a new layout never silently reuses an old map.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 pub const FLOWS: &str = "FLOWS";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
+pub const PENDING_FLOWS: &str = "PENDING_FLOWS";
+pub const PENDING_REVERSE: &str = "PENDING_REVERSE";
 pub const UPLINKS: &str = "UPLINKS";
 pub const UPLINK_BY_IFINDEX: &str = "UPLINK_BY_IFINDEX";
 pub const SCHEDULE: &str = "SCHEDULE";
@@ -18,7 +20,8 @@ pub const REASONS: &str = "REASONS";
 pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const INBOUND: &str = "INBOUND";
 
-/// Default capacity of `FLOWS` and `NAT_REVERSE`; user space may set another at load time.
+/// Default capacity of `FLOWS`, `NAT_REVERSE` and the pending pair; user space may set another
+/// at load time.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 
 /// Capacity of `FRAGMENTS`: datagrams in flight as fragments at once (LRU, so the oldest go).

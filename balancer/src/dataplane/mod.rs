@@ -165,8 +165,8 @@ pub struct Dataplane {
     attached: BTreeSet<(u32, Direction)>,
     /// What was last written to the maps; an unchanged desired state writes nothing.
     written: Option<DataplaneDesired>,
-    /// Reverse entries without a flow at the last sweep.
-    orphans_seen: HashSet<ReverseKey>,
+    /// Reverse entries without their flow at the last sweep, main table and pending table.
+    orphans_seen: [HashSet<ReverseKey>; 2],
     /// Since when each uplink out of the rotation has been out, and which were reset already.
     disabled_since: std::collections::BTreeMap<u32, std::time::Instant>,
     reset_done: BTreeSet<u32>,
@@ -182,8 +182,10 @@ const PROGRAMS: [&str; 5] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 15] = [
     names::FLOWS,
+    names::PENDING_FLOWS,
+    names::PENDING_REVERSE,
     names::INBOUND,
     names::NAT_REVERSE,
     names::UPLINKS,
@@ -224,7 +226,9 @@ impl Dataplane {
         }
         loader
             .map_max_entries(names::FLOWS, flow_entries)
-            .map_max_entries(names::NAT_REVERSE, flow_entries);
+            .map_max_entries(names::NAT_REVERSE, flow_entries)
+            .map_max_entries(names::PENDING_FLOWS, flow_entries)
+            .map_max_entries(names::PENDING_REVERSE, flow_entries);
         let ebpf = loader
             .load(OBJECT)
             .map_err(|error| DataplaneError::Object(Box::new(error)))?;
@@ -232,7 +236,7 @@ impl Dataplane {
         if adopted {
             // aya reuses a pinned map as it is; a new size only takes effect after `down`.
             if let Some(Ok(info)) = dataplane.ebpf.map(names::FLOWS).map(|map| match map {
-                aya::maps::Map::LruHashMap(data) => data.info(),
+                aya::maps::Map::HashMap(data) => data.info(),
                 _ => Err(MapError::InvalidName {
                     name: names::FLOWS.into(),
                 }),
@@ -259,7 +263,7 @@ impl Dataplane {
             pins,
             attached: BTreeSet::new(),
             written: None,
-            orphans_seen: HashSet::new(),
+            orphans_seen: Default::default(),
             disabled_since: Default::default(),
             reset_done: BTreeSet::new(),
         })
