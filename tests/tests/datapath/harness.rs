@@ -65,11 +65,16 @@ impl Datapath {
     /// 1, 2, 3 with weights 2:2:1, the default settings, and the destinations 198.18.0.0/24
     /// (pass) and 198.18.1.0/24 (forced onto uplink 1). Uplink programs act for uplink 1.
     pub fn load() -> anyhow::Result<Self> {
+        Self::load_with_entries(FLOW_ENTRIES)
+    }
+
+    /// `load` with flow tables of `entries` entries each (as `flow_entries` sets them).
+    pub fn load_with_entries(entries: u32) -> anyhow::Result<Self> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(FLOWS, FLOW_ENTRIES)
-            .map_max_entries(NAT_REVERSE, FLOW_ENTRIES)
-            .map_max_entries(PENDING_FLOWS, FLOW_ENTRIES)
-            .map_max_entries(PENDING_REVERSE, FLOW_ENTRIES)
+            .map_max_entries(FLOWS, entries)
+            .map_max_entries(NAT_REVERSE, entries)
+            .map_max_entries(PENDING_FLOWS, entries)
+            .map_max_entries(PENDING_REVERSE, entries)
             .load(balancer::dataplane::object())
             .context("parsing the embedded object")?;
         for name in PROGRAMS {
