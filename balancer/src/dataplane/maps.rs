@@ -229,8 +229,38 @@ impl Dataplane {
                 }
             }
             self.orphans_seen[index] = orphans;
+            // Forward halves whose reverse half an LRU evicted: the programs remove such a
+            // flow on its next packet, the sweeper when it has none (a flood's flows).
+            let lone = self.lone_flows(pair)?;
+            let confirmed: Vec<FlowKey> = lone
+                .intersection(&self.lone_flows_seen[index])
+                .copied()
+                .collect();
+            let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, pair.flows)?;
+            for key in &confirmed {
+                if flows.remove(key).is_ok() {
+                    removed += 1;
+                }
+            }
+            self.lone_flows_seen[index] = lone;
         }
         Ok(removed)
+    }
+
+    /// Flows of `pair` whose reverse half is not in `pair` (or belongs to another flow).
+    fn lone_flows(&self, pair: FlowPair) -> Result<HashSet<FlowKey>, DataplaneError> {
+        let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, pair.flows)?;
+        let reverse: HashMap<_, ReverseKey, ReverseEntry> = typed_ref(&self.ebpf, pair.reverse)?;
+        Ok(flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, entry)| {
+                reverse
+                    .get(&reverse_key(key, entry), 0)
+                    .map_or(true, |value| value.flow != *key)
+            })
+            .map(|(key, _)| key)
+            .collect())
     }
 
     /// Removes the expired flows of `pair`; returns how many.

@@ -30,7 +30,7 @@ use aya::{
 };
 use balancer_common::{
     counters::{COUNTER_BYTES, COUNTER_IPV4, COUNTER_PACKETS, COUNTERS_MAP},
-    flow::ReverseKey,
+    flow::{FlowKey, ReverseKey},
     maps as names,
 };
 
@@ -167,6 +167,8 @@ pub struct Dataplane {
     written: Option<DataplaneDesired>,
     /// Reverse entries without their flow at the last sweep, main table and pending table.
     orphans_seen: [HashSet<ReverseKey>; 2],
+    /// Flows without their reverse half at the last sweep, main table and pending table.
+    lone_flows_seen: [HashSet<FlowKey>; 2],
     /// Since when each uplink out of the rotation has been out, and which were reset already.
     disabled_since: std::collections::BTreeMap<u32, std::time::Instant>,
     reset_done: BTreeSet<u32>,
@@ -264,6 +266,7 @@ impl Dataplane {
             attached: BTreeSet::new(),
             written: None,
             orphans_seen: Default::default(),
+            lone_flows_seen: Default::default(),
             disabled_since: Default::default(),
             reset_done: BTreeSet::new(),
         })
