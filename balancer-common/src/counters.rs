@@ -22,5 +22,8 @@ pub const COUNTER_PROMOTIONS_REFUSED: u32 = 4;
 /// Translated ports taken from a flow that was over (closed TCP, quiet) or from a pending
 /// reverse entry whose flow was evicted.
 pub const COUNTER_PORT_TAKEOVERS: u32 = 5;
+/// New flows of an endpoint with a mapping that could not have the mapping's port (another
+/// flow to the same destination holds it): they got another port.
+pub const COUNTER_MAPPING_COLLISIONS: u32 = 6;
 /// Number of slots; the map is declared with exactly this many entries.
-pub const COUNTERS_LEN: u32 = 6;
+pub const COUNTERS_LEN: u32 = 7;

@@ -19,6 +19,7 @@ pub const UPLINK_COUNTERS: &str = "UPLINK_COUNTERS";
 pub const REASONS: &str = "REASONS";
 pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const INBOUND: &str = "INBOUND";
+pub const MAPPINGS: &str = "MAPPINGS";
 
 /// Default capacity of `FLOWS`, `NAT_REVERSE` and the pending pair; user space may set another
 /// at load time.
@@ -31,6 +32,10 @@ pub const FRAGMENT_ENTRIES: u32 = 8192;
 /// services) whose LAN-side replies are steered back out of the uplink they came in on. A map
 /// of its own, so unsolicited packets can never take the room of outbound flows.
 pub const INBOUND_ENTRIES: u32 = 65_536;
+
+/// Capacity of `MAPPINGS`: LAN endpoints (address, port, protocol) with a mapping. LRU: an
+/// evicted mapping costs only that the endpoint's next new flow may get another one.
+pub const MAPPING_ENTRIES: u32 = 65_536;
 
 /// Program names (the function names of the classifiers).
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";

@@ -163,20 +163,24 @@ pub struct ClientSyn {
     pub wscale: u8,
 }
 
-/// Creates flow `key` on uplink `id`, replacing `stale` if given, and returns the mark of the
-/// flow that ended up in the table (another CPU may have created the same flow first).
+/// Creates flow `key` on uplink `id`, replacing `stale` if given, and returns the mark and
+/// translated port (network order) of the flow that ended up in the table (another CPU may
+/// have created the same flow first). `preferred_port` (network order: the endpoint's
+/// mapping) is tried first, else the client's own port.
 /// `Err(DROP_NAT_EXHAUSTED)` when no translated port is free.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     key: &FlowKey,
     id: u32,
     uplink: &UplinkInfo,
     forced: bool,
     stale: Option<ReverseKey>,
+    preferred_port: Option<u16>,
     syn: ClientSyn,
     settings: &Settings,
     now_ns: u64,
-) -> Result<u32, u32> {
+) -> Result<(u32, u16), u32> {
     if let Some(old) = &stale {
         // Releases the old port; if the old entry's uplink and port are the same, the search
         // below finds that port free again and the remote sees the same peer.
@@ -185,11 +189,12 @@ pub fn create(
 
     let (min, max) = nat_port_range(settings);
     let span = u32::from(max - min) + 1;
-    let client_port = u32::from(u16::from_be(key.client_port));
-    // Keep the client's port when it is in range (no visible translation, as RFC 4787 prefers);
-    // otherwise start at a random point so concurrent flows do not all probe the same ports.
-    let mut offset = if client_port >= u32::from(min) && client_port <= u32::from(max) {
-        client_port - u32::from(min)
+    let first = u32::from(u16::from_be(preferred_port.unwrap_or(key.client_port)));
+    // The mapping's port, else the client's when it is in range (no visible translation, as
+    // RFC 4787 prefers); otherwise start at a random point so concurrent flows do not all
+    // probe the same ports.
+    let mut offset = if first >= u32::from(min) && first <= u32::from(max) {
+        first - u32::from(min)
     } else {
         // SAFETY: a plain helper call without arguments.
         let random = unsafe { bpf_get_prandom_u32() };
@@ -273,7 +278,7 @@ pub fn create(
         let _ = PENDING_REVERSE.remove(&reverse);
         return match lookup(key) {
             // SAFETY: a successful lookup returns a pointer to the value.
-            Some(winner) => Ok(unsafe { (*winner).mark }),
+            Some(winner) => Ok(unsafe { ((*winner).mark, (*winner).nat_port) }),
             // The insert failed for another reason (out of memory): no flow, so the packet
             // follows the routing tables unmarked, like one sent while no uplink is up.
             None => Err(PASS_NO_UPLINK),
@@ -283,7 +288,7 @@ pub fn create(
     if key.protocol == PROTOCOL_TCP {
         bump_uplink(id, UPLINK_TCP_NEW_FLOWS, 1);
     }
-    Ok(entry.mark)
+    Ok((entry.mark, entry.nat_port))
 }
 
 /// Frees the translated port `reverse` holds for flow `owner` if that is a TCP flow that is over (reset,

@@ -9,10 +9,10 @@ use aya_ebpf::{
 use balancer_common::{
     counters::COUNTERS_LEN,
     flow::{
-        FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, ReverseEntry,
-        ReverseKey,
+        FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, MappingEntry,
+        MappingKey, ReverseEntry, ReverseKey,
     },
-    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES},
+    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES, MAPPING_ENTRIES},
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
     uplink::{
         DESTINATION_ENTRIES, SCHEDULE_SLOTS, ScheduleLength, Settings, UPLINK_BY_IFINDEX_ENTRIES,
@@ -64,6 +64,11 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
 #[map]
 pub static INBOUND: LruHashMap<InboundKey, InboundEntry> =
     LruHashMap::with_max_entries(INBOUND_ENTRIES, 0);
+
+/// LAN endpoints -> the uplink and translated port all their flows get (`mapping`).
+#[map]
+pub static MAPPINGS: LruHashMap<MappingKey, MappingEntry> =
+    LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
 
 #[map]
 pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(UPLINK_SLOTS, 0);

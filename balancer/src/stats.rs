@@ -7,7 +7,8 @@ use std::{collections::BTreeMap, path::Path};
 use aya::maps::{Array, HashMap, PerCpuArray};
 use balancer_common::{
     counters::{
-        COUNTER_HALVES_REMOVED, COUNTER_PORT_TAKEOVERS, COUNTER_PROMOTIONS_REFUSED, COUNTERS_MAP,
+        COUNTER_HALVES_REMOVED, COUNTER_MAPPING_COLLISIONS, COUNTER_PORT_TAKEOVERS,
+        COUNTER_PROMOTIONS_REFUSED, COUNTERS_MAP,
     },
     flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps as names,
@@ -80,6 +81,9 @@ pub struct Stats {
     pub promotions_refused: u64,
     /// Translated ports taken from a closed TCP flow or from a half left alone.
     pub port_takeovers: u64,
+    /// New flows of an endpoint with a mapping that got another port than the mapping's (their
+    /// 5-tuple would have collided with another flow's).
+    pub mapping_collisions: u64,
     /// Packets passed untouched or dropped, by reason.
     pub reasons: BTreeMap<String, u64>,
 }
@@ -206,6 +210,7 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
         evictions: sum(&lan_counters, COUNTER_HALVES_REMOVED)?,
         promotions_refused: sum(&lan_counters, COUNTER_PROMOTIONS_REFUSED)?,
         port_takeovers: sum(&lan_counters, COUNTER_PORT_TAKEOVERS)?,
+        mapping_collisions: sum(&lan_counters, COUNTER_MAPPING_COLLISIONS)?,
         reasons,
     })
 }
@@ -275,8 +280,8 @@ pub fn table(stats: &Stats) -> String {
         stats.flow_entries, stats.reverse_entries, stats.pending_entries, stats.pending_reverse_entries
     ));
     out.push_str(&format!(
-        "evictions: {}, promotions refused (table full): {}, port takeovers: {}\n",
-        stats.evictions, stats.promotions_refused, stats.port_takeovers
+        "evictions: {}, promotions refused (table full): {}, port takeovers: {}, mapping collisions: {}\n",
+        stats.evictions, stats.promotions_refused, stats.port_takeovers, stats.mapping_collisions
     ));
     let noted: Vec<String> = stats
         .reasons

@@ -184,8 +184,9 @@ const PROGRAMS: [&str; 5] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 15] = [
+const PINNED_MAPS: [&str; 16] = [
     names::FLOWS,
+    names::MAPPINGS,
     names::PENDING_FLOWS,
     names::PENDING_REVERSE,
     names::INBOUND,
