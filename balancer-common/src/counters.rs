@@ -12,5 +12,18 @@ pub const COUNTER_PACKETS: u32 = 0;
 pub const COUNTER_BYTES: u32 = 1;
 /// Packets that parsed as IPv4.
 pub const COUNTER_IPV4: u32 = 2;
+/// Evictions as the programs see them: a half of an unanswered flow found alone (the other
+/// half evicted from the pending LRU by newer flows) and removed, so no port stays held by a
+/// flow that no longer exists.
+pub const COUNTER_HALVES_REMOVED: u32 = 3;
+/// Answered flows that could not enter the main table (`FLOWS` full): they go on working
+/// from the pending table, where a flood can evict them.
+pub const COUNTER_PROMOTIONS_REFUSED: u32 = 4;
+/// Translated ports taken from a flow that was over (closed TCP, quiet) or from a pending
+/// reverse entry whose flow was evicted.
+pub const COUNTER_PORT_TAKEOVERS: u32 = 5;
+/// New flows of an endpoint with a mapping that could not have the mapping's port (another
+/// flow to the same destination holds it): they got another port.
+pub const COUNTER_MAPPING_COLLISIONS: u32 = 6;
 /// Number of slots; the map is declared with exactly this many entries.
-pub const COUNTERS_LEN: u32 = 3;
+pub const COUNTERS_LEN: u32 = 7;

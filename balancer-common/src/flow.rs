@@ -191,6 +191,40 @@ pub struct InboundEntry {
     pub _pad: [u8; 3],
 }
 
+/// A LAN endpoint (address, port, protocol) as its flows leave. Key of `MAPPINGS`: every flow
+/// of one endpoint gets the same uplink and translated port, whatever its destination
+/// (endpoint-independent mapping, RFC 4787 REQ-1 and RFC 5382 REQ-1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MappingKey {
+    /// Network order, as in the packet.
+    pub client_addr: u32,
+    pub client_port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// An endpoint's mapping. Value of `MAPPINGS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingEntry {
+    /// Coarse monotonic time the last flow of the endpoint was created with this mapping.
+    pub last_flow_ns: u64,
+    /// That flow's remote end (network order): while it lives, so does the mapping, however
+    /// long ago it was created.
+    pub anchor_remote_addr: u32,
+    pub anchor_remote_port: u16,
+    /// The translated port, network order.
+    pub nat_port: u16,
+    /// `UplinkInfo::generation` of the uplink when the mapping was made: a new generation (a
+    /// new address, flows released) ends the mapping.
+    pub uplink_generation: u32,
+    pub uplink_id: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<MappingKey>() == 8);
+const _: () = assert!(core::mem::size_of::<MappingEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<InboundKey>() == 8);
 const _: () = assert!(core::mem::size_of::<InboundEntry>() == 16);
@@ -219,4 +253,8 @@ mod pod {
     unsafe impl aya::Pod for super::InboundKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::InboundEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MappingKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MappingEntry {}
 }

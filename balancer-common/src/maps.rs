@@ -2,10 +2,12 @@
 
 /// Bumped whenever a map's key, value or size changes meaning: pins live under a directory
 /// named after it, so a new layout never silently reuses an old map.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 pub const FLOWS: &str = "FLOWS";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
+pub const PENDING_FLOWS: &str = "PENDING_FLOWS";
+pub const PENDING_REVERSE: &str = "PENDING_REVERSE";
 pub const UPLINKS: &str = "UPLINKS";
 pub const UPLINK_BY_IFINDEX: &str = "UPLINK_BY_IFINDEX";
 pub const SCHEDULE: &str = "SCHEDULE";
@@ -17,8 +19,10 @@ pub const UPLINK_COUNTERS: &str = "UPLINK_COUNTERS";
 pub const REASONS: &str = "REASONS";
 pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const INBOUND: &str = "INBOUND";
+pub const MAPPINGS: &str = "MAPPINGS";
 
-/// Default capacity of `FLOWS` and `NAT_REVERSE`; user space may set another at load time.
+/// Default capacity of `FLOWS`, `NAT_REVERSE` and the pending pair; user space may set another
+/// at load time.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 
 /// Capacity of `FRAGMENTS`: datagrams in flight as fragments at once (LRU, so the oldest go).
@@ -28,6 +32,10 @@ pub const FRAGMENT_ENTRIES: u32 = 8192;
 /// services) whose LAN-side replies are steered back out of the uplink they came in on. A map
 /// of its own, so unsolicited packets can never take the room of outbound flows.
 pub const INBOUND_ENTRIES: u32 = 65_536;
+
+/// Capacity of `MAPPINGS`: LAN endpoints (address, port, protocol) with a mapping. LRU: an
+/// evicted mapping costs only that the endpoint's next new flow may get another one.
+pub const MAPPING_ENTRIES: u32 = 65_536;
 
 /// Program names (the function names of the classifiers).
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";

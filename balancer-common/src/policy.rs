@@ -24,9 +24,10 @@ pub const DEFAULT_TCP_CLOSING_TIMEOUT_NS: u64 = 240 * NS_PER_SEC;
 /// RFC 4787 REQ-5 asks for at least 2 min.
 pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 120 * NS_PER_SEC;
 pub const DEFAULT_ICMP_TIMEOUT_NS: u64 = 30 * NS_PER_SEC;
-/// Above Linux's default `ip_local_port_range` (32768..=60999), so translated ports never
-/// shadow the gateway's own sockets.
-pub const DEFAULT_NAT_PORT_MIN: u16 = 61_000;
+/// The upper half of the port space, where clients' own ephemeral ports lie (Linux 32768-60999,
+/// Windows and macOS 49152-65535), so a client's port is kept (RFC 4787 REQ-1 with port
+/// preservation). The daemon moves the gateway's own `ip_local_port_range` below it.
+pub const DEFAULT_NAT_PORT_MIN: u16 = 32_768;
 pub const DEFAULT_NAT_PORT_MAX: u16 = 65_535;
 
 /// TCP header flag bits (byte 13 of the header).
@@ -349,7 +350,7 @@ mod tests {
         for (protocol, state, want) in cases {
             assert_eq!(flow_timeout_ns(&entry(state, 0), protocol, &zero), want);
         }
-        assert_eq!(nat_port_range(&zero), (61_000, 65_535));
+        assert_eq!(nat_port_range(&zero), (32_768, 65_535));
     }
 
     #[test]
@@ -376,7 +377,7 @@ mod tests {
             nat_port_max: 1,
             ..settings
         };
-        assert_eq!(nat_port_range(&inverted), (61_000, 65_535));
+        assert_eq!(nat_port_range(&inverted), (32_768, 65_535));
     }
 
     #[test]

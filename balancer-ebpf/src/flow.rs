@@ -1,15 +1,23 @@
-//! The flow table: finding a live flow, and creating one as a forward/reverse pair (after
+//! The flow table: finding a live flow, creating one as a forward/reverse pair (after
 //! Cilium's `bpf/lib/nat.h`: the reverse entry reserves the translated port, the forward entry
-//! publishes the flow, and a failed second insert removes the first, so no half flow remains).
+//! publishes the flow, and a failed second insert removes the first, so no half flow remains),
+//! and promoting it on its first answer.
+//!
+//! Two tables of pairs: a new flow goes into the pending pair (`PENDING_FLOWS`,
+//! `PENDING_REVERSE`, LRU maps), and its first answer moves it into the main pair (`FLOWS`,
+//! `NAT_REVERSE`, plain hashes that never evict). A flood of unanswered flows therefore only
+//! ever evicts unanswered flows, and an established flow's packets find it with the same one
+//! lookup as before. A translated port is free only when neither reverse map holds it.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::bpf_get_prandom_u32,
 };
 use balancer_common::{
+    counters::{COUNTER_HALVES_REMOVED, COUNTER_PORT_TAKEOVERS, COUNTER_PROMOTIONS_REFUSED},
     flow::{
-        FLOW_FLAG_FORCED, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, ReverseEntry,
-        ReverseKey, WSCALE_NONE,
+        FLOW_FLAG_FORCED, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED,
+        ReverseEntry, ReverseKey, WSCALE_NONE,
     },
     policy::{flow_expired, flow_expired_with_replies, flow_over, nat_port_range},
     stats::{
@@ -19,7 +27,9 @@ use balancer_common::{
     uplink::{Settings, UplinkInfo},
 };
 
-use crate::maps::{FLOWS, NAT_REVERSE, UPLINKS, bump_uplink};
+use crate::maps::{
+    FLOWS, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE, UPLINKS, bump, bump_uplink,
+};
 
 /// Translated ports tried per new flow before giving up: bounded for the verifier and for
 /// latency; 32 random ports all taken means the range is nearly full anyway.
@@ -31,6 +41,34 @@ const FREE_PORT_PROBES: u32 = 8;
 /// last ACK of the close takes a round trip, and a FIN whose ACK was lost comes again after
 /// the sender's retransmission timeout (at least 200 ms on Linux).
 const CLOSED_PORT_GRACE_NS: u64 = 500_000_000;
+/// How old a pending reverse entry without its flow must be before its port is taken: younger
+/// than this, its flow may be being created on another CPU right now (reverse half first).
+const ALONE_HALF_GRACE_NS: u64 = 500_000_000;
+
+/// Flow `key`, answered (`FLOWS`) or not yet (`PENDING_FLOWS`).
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<*mut FlowEntry> {
+    match FLOWS.get_ptr_mut(key) {
+        Some(entry) => Some(entry),
+        None => PENDING_FLOWS.get_ptr_mut(key),
+    }
+}
+
+/// Reverse entry `reverse`, of an answered flow or a pending one.
+#[inline(always)]
+pub fn lookup_reverse(reverse: &ReverseKey) -> Option<*mut ReverseEntry> {
+    match NAT_REVERSE.get_ptr_mut(reverse) {
+        Some(value) => Some(value),
+        None => PENDING_REVERSE.get_ptr_mut(reverse),
+    }
+}
+
+/// Whether `reverse` exists and belongs to flow `key`.
+#[inline(always)]
+fn owns(reverse: &ReverseKey, key: &FlowKey) -> bool {
+    // SAFETY: a successful lookup returns a pointer to the value; read at once.
+    lookup_reverse(reverse).is_some_and(|value| unsafe { (*value).flow } == *key)
+}
 
 /// What `FLOWS` holds for a key.
 pub enum Found {
@@ -61,12 +99,18 @@ pub fn reverse_key(key: &FlowKey, uplink_addr: u32, nat_port: u16) -> ReverseKey
 /// its connections working.
 #[inline(always)]
 pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
-    let Some(entry) = FLOWS.get_ptr_mut(key) else {
-        return Found::Missing;
+    // Answered flows first: that is where an established flow's packets look, once.
+    let (entry, pending) = match FLOWS.get_ptr_mut(key) {
+        Some(entry) => (entry, false),
+        None => match PENDING_FLOWS.get_ptr_mut(key) {
+            Some(entry) => (entry, true),
+            None => return Found::Missing,
+        },
     };
     // SAFETY: a successful lookup returns a pointer to the value, valid for this program run.
     let e = unsafe { &*entry };
-    let live = match UPLINKS.get(u32::from(e.uplink_id)) {
+    let reverse = reverse_key(key, e.uplink_addr, e.nat_port);
+    let mut live = match UPLINKS.get(u32::from(e.uplink_id)) {
         Some(uplink) => {
             uplink.source_addr != 0
                 && uplink.generation == e.uplink_generation
@@ -75,10 +119,16 @@ pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
         }
         None => false,
     };
+    // A pending flow whose reverse half the LRU evicted would never see its replies: it is
+    // replaced, which removes it.
+    if live && pending && !owns(&reverse, key) {
+        bump(COUNTER_HALVES_REMOVED, 1);
+        live = false;
+    }
     if live {
         Found::Live(entry)
     } else {
-        Found::Stale(reverse_key(key, e.uplink_addr, e.nat_port))
+        Found::Stale(reverse)
     }
 }
 
@@ -113,33 +163,38 @@ pub struct ClientSyn {
     pub wscale: u8,
 }
 
-/// Creates flow `key` on uplink `id`, replacing `stale` if given, and returns the mark of the
-/// flow that ended up in the table (another CPU may have created the same flow first).
+/// Creates flow `key` on uplink `id`, replacing `stale` if given, and returns the mark and
+/// translated port (network order) of the flow that ended up in the table (another CPU may
+/// have created the same flow first). `preferred_port` (network order: the endpoint's
+/// mapping) is tried first, else the client's own port.
 /// `Err(DROP_NAT_EXHAUSTED)` when no translated port is free.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     key: &FlowKey,
     id: u32,
     uplink: &UplinkInfo,
     forced: bool,
     stale: Option<ReverseKey>,
+    preferred_port: Option<u16>,
     syn: ClientSyn,
     settings: &Settings,
     now_ns: u64,
-) -> Result<u32, u32> {
+) -> Result<(u32, u16), u32> {
     if let Some(old) = &stale {
         // Releases the old port; if the old entry's uplink and port are the same, the search
         // below finds that port free again and the remote sees the same peer.
-        let _ = NAT_REVERSE.remove(old);
+        release(key, old);
     }
 
     let (min, max) = nat_port_range(settings);
     let span = u32::from(max - min) + 1;
-    let client_port = u32::from(u16::from_be(key.client_port));
-    // Keep the client's port when it is in range (no visible translation, as RFC 4787 prefers);
-    // otherwise start at a random point so concurrent flows do not all probe the same ports.
-    let mut offset = if client_port >= u32::from(min) && client_port <= u32::from(max) {
-        client_port - u32::from(min)
+    let first = u32::from(u16::from_be(preferred_port.unwrap_or(key.client_port)));
+    // The mapping's port, else the client's when it is in range (no visible translation, as
+    // RFC 4787 prefers); otherwise start at a random point so concurrent flows do not all
+    // probe the same ports.
+    let mut offset = if first >= u32::from(min) && first <= u32::from(max) {
+        first - u32::from(min)
     } else {
         // SAFETY: a plain helper call without arguments.
         let random = unsafe { bpf_get_prandom_u32() };
@@ -148,7 +203,9 @@ pub fn create(
     let mut reverse = reverse_key(key, uplink.source_addr, 0);
     let reverse_entry = ReverseEntry {
         flow: *key,
-        last_reply_ns: 0,
+        // No reply yet: the creation time, which tells a half being created from one left
+        // alone (`release_if_alone`). Promotion overwrites it with the first reply's time.
+        last_reply_ns: now_ns,
         mark: uplink.mark,
         uplink_id: id as u8,
         flags: 0,
@@ -161,14 +218,24 @@ pub fn create(
         // off the free list before it finds the key taken), which is every probe in a crowded
         // range. The insert still decides a race with another CPU.
         let free = match NAT_REVERSE.get_ptr(&reverse) {
-            None => true,
             // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
             Some(owner) => {
-                probe >= FREE_PORT_PROBES && release_if_over(&reverse, unsafe { (*owner).flow }, now_ns)
+                probe >= FREE_PORT_PROBES
+                    && release_if_over(&reverse, unsafe { (*owner).flow }, now_ns)
             }
+            None => match PENDING_REVERSE.get_ptr(&reverse) {
+                None => true,
+                Some(owner) => {
+                    // SAFETY: as above.
+                    let owner = unsafe { *owner };
+                    release_if_alone(&reverse, owner, now_ns)
+                        || (probe >= FREE_PORT_PROBES
+                            && release_if_over(&reverse, owner.flow, now_ns))
+                }
+            },
         };
         if free
-            && NAT_REVERSE
+            && PENDING_REVERSE
                 .insert(&reverse, &reverse_entry, u64::from(BPF_NOEXIST))
                 .is_ok()
         {
@@ -203,17 +270,15 @@ pub fn create(
         client_window: syn.window,
         remote_window: 0,
     };
-    let flags = if stale.is_some() {
-        BPF_ANY
-    } else {
-        BPF_NOEXIST
-    };
-    if FLOWS.insert(key, &entry, u64::from(flags)).is_err() {
+    if PENDING_FLOWS
+        .insert(key, &entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         // Another CPU created this flow between our lookup and now: its pair stands, ours goes.
-        let _ = NAT_REVERSE.remove(&reverse);
-        return match FLOWS.get_ptr(key) {
+        let _ = PENDING_REVERSE.remove(&reverse);
+        return match lookup(key) {
             // SAFETY: a successful lookup returns a pointer to the value.
-            Some(winner) => Ok(unsafe { (*winner).mark }),
+            Some(winner) => Ok(unsafe { ((*winner).mark, (*winner).nat_port) }),
             // The insert failed for another reason (out of memory): no flow, so the packet
             // follows the routing tables unmarked, like one sent while no uplink is up.
             None => Err(PASS_NO_UPLINK),
@@ -223,7 +288,7 @@ pub fn create(
     if key.protocol == PROTOCOL_TCP {
         bump_uplink(id, UPLINK_TCP_NEW_FLOWS, 1);
     }
-    Ok(entry.mark)
+    Ok((entry.mark, entry.nat_port))
 }
 
 /// Frees the translated port `reverse` holds for flow `owner` if that is a TCP flow that is over (reset,
@@ -240,7 +305,7 @@ fn release_if_over(reverse: &ReverseKey, owner: FlowKey, now_ns: u64) -> bool {
         return false;
     }
     // No flow: being created by another CPU right now, or an orphan the sweeper removes.
-    let Some(entry) = FLOWS.get_ptr(&owner) else {
+    let Some(entry) = lookup(&owner) else {
         return false;
     };
     // SAFETY: as above.
@@ -252,7 +317,107 @@ fn release_if_over(reverse: &ReverseKey, owner: FlowKey, now_ns: u64) -> bool {
     {
         return false;
     }
-    let _ = FLOWS.remove(&owner);
-    let _ = NAT_REVERSE.remove(reverse);
+    release(&owner, reverse);
+    bump(COUNTER_PORT_TAKEOVERS, 1);
     true
+}
+
+/// Frees the port pending reverse entry `reverse` (value `owner`) holds if its flow is gone
+/// (evicted from the LRU) or uses another translation now, and the entry is old enough not to
+/// be a flow being created on another CPU. Returns whether the port may be tried again.
+#[inline(always)]
+fn release_if_alone(reverse: &ReverseKey, owner: ReverseEntry, now_ns: u64) -> bool {
+    if let Some(entry) = lookup(&owner.flow) {
+        // SAFETY: a successful lookup returns a pointer to the value; read at once.
+        let (nat_port, uplink_addr) = unsafe { ((*entry).nat_port, (*entry).uplink_addr) };
+        if nat_port == reverse.nat_port && uplink_addr == reverse.uplink_addr {
+            return false;
+        }
+    }
+    if now_ns.saturating_sub(owner.last_reply_ns) < ALONE_HALF_GRACE_NS {
+        return false;
+    }
+    let _ = PENDING_REVERSE.remove(reverse);
+    bump(COUNTER_HALVES_REMOVED, 1);
+    bump(COUNTER_PORT_TAKEOVERS, 1);
+    true
+}
+
+/// Removes both halves of flow `key`, whose replies carry `reverse`, from whichever table
+/// holds them; the reverse half only while it still belongs to this flow.
+#[inline(always)]
+fn release(key: &FlowKey, reverse: &ReverseKey) {
+    let _ = FLOWS.remove(key);
+    let _ = PENDING_FLOWS.remove(key);
+    // SAFETY: successful lookups return pointers to the values; read at once.
+    if NAT_REVERSE
+        .get_ptr(reverse)
+        .is_some_and(|value| unsafe { (*value).flow } == *key)
+    {
+        let _ = NAT_REVERSE.remove(reverse);
+    }
+    // SAFETY: as above.
+    if PENDING_REVERSE
+        .get_ptr(reverse)
+        .is_some_and(|value| unsafe { (*value).flow } == *key)
+    {
+        let _ = PENDING_REVERSE.remove(reverse);
+    }
+}
+
+/// Moves the pending flow whose reply carries `reverse` into the main table on its first
+/// answer, and returns its reverse entry there (or in the pending table, where it stays when
+/// the main table is full). `None` when no flow owns `reverse`; a pending reverse entry left
+/// alone by the LRU is removed then.
+///
+/// Order keeps every port held by one map at every moment: the main reverse entry is inserted
+/// first (`BPF_NOEXIST`: another CPU promoting the same flow wins or loses here), then the
+/// main flow entry, and only then the pending pair goes.
+#[inline(always)]
+pub fn promote(reverse: &ReverseKey) -> Option<*mut ReverseEntry> {
+    let pending = PENDING_REVERSE.get_ptr_mut(reverse)?;
+    // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
+    let value = unsafe { *pending };
+    let Some(entry) = PENDING_FLOWS.get_ptr(&value.flow) else {
+        // Maybe promoted by another CPU a moment ago.
+        if let Some(promoted) = NAT_REVERSE.get_ptr_mut(reverse) {
+            return Some(promoted);
+        }
+        let _ = PENDING_REVERSE.remove(reverse);
+        bump(COUNTER_HALVES_REMOVED, 1);
+        return None;
+    };
+    // SAFETY: as above.
+    let entry = unsafe { *entry };
+    if entry.nat_port != reverse.nat_port || entry.uplink_addr != reverse.uplink_addr {
+        // A half left behind by a replaced flow.
+        let _ = PENDING_REVERSE.remove(reverse);
+        bump(COUNTER_HALVES_REMOVED, 1);
+        return None;
+    }
+    // Refused once (main table full): it stays pending rather than retrying on every reply.
+    if value.flags & REVERSE_FLAG_ANSWERED != 0 {
+        return Some(pending);
+    }
+    if NAT_REVERSE
+        .insert(reverse, &value, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        if let Some(promoted) = NAT_REVERSE.get_ptr_mut(reverse) {
+            return Some(promoted);
+        }
+        bump(COUNTER_PROMOTIONS_REFUSED, 1);
+        return Some(pending);
+    }
+    if FLOWS
+        .insert(&value.flow, &entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        let _ = NAT_REVERSE.remove(reverse);
+        bump(COUNTER_PROMOTIONS_REFUSED, 1);
+        return Some(pending);
+    }
+    let _ = PENDING_FLOWS.remove(&value.flow);
+    let _ = PENDING_REVERSE.remove(reverse);
+    NAT_REVERSE.get_ptr_mut(reverse)
 }

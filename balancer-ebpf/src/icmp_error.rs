@@ -27,7 +27,7 @@ use crate::{
         ICMP_ID_OFF, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPV4_MIN_LEN, Ipv4Hdr,
         QUOTED_L4_MIN, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
-    maps::{FLOWS, NAT_REVERSE},
+    flow,
     nat::{Side, csum_replace2, csum_replace4, store_ip_addr},
     parse::Ipv4,
 };
@@ -198,7 +198,7 @@ pub fn client_flow(ctx: &TcContext, ip: &Ipv4) -> Result<(Quoted, FlowEntry), u3
         protocol: q.protocol,
         _pad: [0; 3],
     };
-    let entry = FLOWS.get_ptr(&key).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
+    let entry = flow::lookup(&key).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
     // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
     let entry = unsafe { *entry };
     Ok((q, entry))
@@ -224,13 +224,11 @@ pub fn remote_flow(ctx: &TcContext, ip: &Ipv4) -> Result<(Quoted, FlowKey, u32),
         protocol: q.protocol,
         _pad: [0; 3],
     };
-    let key = NAT_REVERSE
-        .get_ptr(&reverse)
-        .ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
+    let key = flow::lookup_reverse(&reverse).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
     // SAFETY: a successful lookup returns a pointer to the value; copied out at once, since
     // LRU entries may be reused under us.
     let key = unsafe { (*key).flow };
-    let entry = FLOWS.get_ptr(&key).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
+    let entry = flow::lookup(&key).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
     // SAFETY: as above.
     let (nat_port, uplink_addr, mark) =
         unsafe { ((*entry).nat_port, (*entry).uplink_addr, (*entry).mark) };

@@ -24,7 +24,7 @@ use crate::{
     flow::{self, Found},
     fragments,
     headers::{ETH_HDR_LEN, ICMP_ECHO_REQUEST},
-    icmp_error, inbound,
+    icmp_error, inbound, mapping,
     maps::{DESTINATIONS, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump},
     parse::{Ipv4, parse_ipv4, parse_l4},
     tcp_window, untranslated,
@@ -156,9 +156,16 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
     if protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return Err(PASS_TCP_WITHOUT_FLOW);
     }
-    let id = match forced {
-        Some(id) => id,
-        None => next_scheduled()?,
+    // A balanced flow follows its endpoint's mapping, if it has a usable one.
+    let endpoint = mapping::key_of(&key);
+    let mapped = match (&endpoint, forced) {
+        (Some(endpoint), None) => mapping::find(endpoint, &key, settings, now),
+        _ => None,
+    };
+    let id = match (forced, &mapped) {
+        (Some(id), _) => id,
+        (None, Some(mapped)) => u32::from(mapped.uplink_id),
+        (None, None) => next_scheduled()?,
     };
     let uplink = UPLINKS.get(id).ok_or(PASS_NO_UPLINK)?;
     // A forced uplink is used even when it takes no balanced flows: a modem's admin page
@@ -179,16 +186,29 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
             wscale: WSCALE_NONE,
         }
     };
-    let mark = flow::create(
+    let (mark, nat_port) = flow::create(
         &key,
         id,
         uplink,
         forced.is_some(),
         stale,
+        mapped.map(|m| m.nat_port),
         syn,
         settings,
         now,
     )?;
+    // A forced destination (a modem's admin page) says nothing about the endpoint's mapping.
+    if let (Some(endpoint), None) = (&endpoint, forced) {
+        mapping::record(
+            endpoint,
+            &key,
+            mapped,
+            id,
+            uplink.generation,
+            nat_port,
+            now,
+        );
+    }
     fragments::remember(&packet.ip, uplink.source_addr, mark, id as u8);
     set_mark(ctx, mark);
     Ok(())

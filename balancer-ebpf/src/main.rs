@@ -13,6 +13,7 @@ mod headers;
 mod icmp_error;
 mod inbound;
 mod lan_ingress;
+mod mapping;
 mod maps;
 mod mss;
 mod nat;

@@ -9,10 +9,10 @@ use aya_ebpf::{
 use balancer_common::{
     counters::COUNTERS_LEN,
     flow::{
-        FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, ReverseEntry,
-        ReverseKey,
+        FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, MappingEntry,
+        MappingKey, ReverseEntry, ReverseKey,
     },
-    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES},
+    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES, MAPPING_ENTRIES},
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
     uplink::{
         DESTINATION_ENTRIES, SCHEDULE_SLOTS, ScheduleLength, Settings, UPLINK_BY_IFINDEX_ENTRIES,
@@ -25,17 +25,32 @@ use balancer_common::{
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
-/// Flows as the LAN client sent them -> their uplink and translation. LRU, so a full table
-/// forgets the idlest flow instead of refusing new ones.
+/// Answered flows as the LAN client sent them -> their uplink and translation. A plain hash,
+/// never an LRU: an answered flow is never evicted to make room (a full table refuses the
+/// promotion instead, and the flow goes on from `PENDING_FLOWS`). Flows enter it on their
+/// first answer (`flow::promote`).
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Replies of answered flows as they arrive on an uplink -> the flow they belong to and how
+/// to translate them. The other half of `FLOWS`, inserted before it.
+#[map]
+pub static NAT_REVERSE: HashMap<ReverseKey, ReverseEntry> =
+    HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Flows not answered yet -> their uplink and translation. An LRU of its own: a flood of
+/// unanswered flows (a scan, a host opening thousands of UDP flows) evicts only unanswered
+/// flows, never an answered one.
+#[map]
+pub static PENDING_FLOWS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
-/// Replies as they arrive on an uplink -> the flow they belong to and how to translate them.
-/// Inserted with the flow, as a pair; its `BPF_NOEXIST` insert is what reserves a translated
-/// port.
+/// The reverse half of `PENDING_FLOWS`. Its `BPF_NOEXIST` insert reserves a translated port
+/// (after the port was found free in `NAT_REVERSE` too). LRU eviction may take one half of a
+/// pending pair alone: a half found alone is removed (`flow::find`, `flow::promote`, the port
+/// search), so no port is ever held by two flows.
 #[map]
-pub static NAT_REVERSE: LruHashMap<ReverseKey, ReverseEntry> =
+pub static PENDING_REVERSE: LruHashMap<ReverseKey, ReverseEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
 /// Fragmented datagrams of known flows -> the translation of their later fragments, which
@@ -49,6 +64,11 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
 #[map]
 pub static INBOUND: LruHashMap<InboundKey, InboundEntry> =
     LruHashMap::with_max_entries(INBOUND_ENTRIES, 0);
+
+/// LAN endpoints -> the uplink and translated port all their flows get (`mapping`).
+#[map]
+pub static MAPPINGS: LruHashMap<MappingKey, MappingEntry> =
+    LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
 
 #[map]
 pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(UPLINK_SLOTS, 0);

@@ -16,7 +16,8 @@ use crate::{
     fragments,
     headers::ICMP_ECHO_REQUEST,
     icmp_error,
-    maps::{FLOWS, UPLINK_BY_IFINDEX, UPLINKS, bump_uplink},
+    flow,
+    maps::{UPLINK_BY_IFINDEX, UPLINKS, bump_uplink},
     mss,
     nat::{Side, rewrite},
     parse::{parse_ipv4, parse_l4},
@@ -104,7 +105,7 @@ fn translate<const L2: usize>(ctx: &TcContext, ifindex: u32) -> Result<Option<u3
         protocol,
         _pad: [0; 3],
     };
-    let entry = FLOWS.get_ptr(&key).ok_or(PASS_NOT_TRANSLATED)?;
+    let entry = flow::lookup(&key).ok_or(PASS_NOT_TRANSLATED)?;
     // SAFETY: a successful lookup returns a pointer to the value; fields are copied out.
     let (uplink_id, uplink_addr, nat_port, mark) = unsafe {
         (

@@ -22,7 +22,8 @@ use crate::{
     headers::ICMP_ECHO_REPLY,
     icmp_error, inbound,
     lan_ingress::set_mark,
-    maps::{FLOWS, NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
+    flow,
+    maps::{NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
     nat::{Side, rewrite},
     own_socket,
     parse::{Packet, parse_ipv4, parse_l4},
@@ -99,7 +100,13 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
         protocol,
         _pad: [0; 3],
     };
-    let Some(value) = NAT_REVERSE.get_ptr_mut(&reverse) else {
+    // An answered flow's reply: one lookup. Otherwise maybe the first answer of a pending
+    // flow, which moves it into the main table.
+    let found = match NAT_REVERSE.get_ptr_mut(&reverse) {
+        Some(value) => Some(value),
+        None => flow::promote(&reverse),
+    };
+    let Some(value) = found else {
         if own_socket::answers(ctx, &packet) {
             return Err(OWN_REPLY);
         }
@@ -151,7 +158,7 @@ fn update_flow(
     now: u64,
 ) -> Result<(), u32> {
     let protocol = packet.ip.protocol;
-    let entry_ptr = FLOWS.get_ptr_mut(key).ok_or(PASS_NOT_TRANSLATED)?;
+    let entry_ptr = flow::lookup(key).ok_or(PASS_NOT_TRANSLATED)?;
     // SAFETY: a pointer into the map value, valid for this run (see `FlowEntry` on sharing).
     let entry = unsafe { &mut *entry_ptr };
     // A reverse entry left behind by a replaced or evicted flow must not steer replies into a

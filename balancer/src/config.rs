@@ -145,7 +145,7 @@ impl Default for Dataplane {
         Dataplane {
             enabled: true,
             flow_entries: 262_144,
-            nat_port_min: 61_000,
+            nat_port_min: 32_768,
             nat_port_max: 65_535,
             // RFC 5382 REQ-5: transitory states (unanswered SYN, after FIN or RST) at least
             // 4 minutes, established TCP at least 2 h 4 min.

@@ -128,8 +128,20 @@ impl fmt::Display for Operation {
 /// two uplinks share a subnet); `arp_announce=2` makes ARP requests carry the outgoing
 /// interface's own address; `src_valid_mark` lets reverse-path filtering see the mark the data
 /// plane puts on replies, so strict rp_filter keeps working. rp_filter itself is never touched.
-pub fn desired_sysctls(config: &Config) -> Vec<(SysctlKey, String)> {
+///
+/// `ip_local_port_range` is moved below the NAT range when the one the gateway has
+/// (`local_port_range`) overlaps it ([`local_port_range_move`]).
+pub fn desired_sysctls(
+    config: &Config,
+    local_port_range: Option<(u16, u16)>,
+) -> Vec<(SysctlKey, String)> {
     let mut settings = vec![(SysctlKey::global("net/ipv4/ip_forward"), "1".to_string())];
+    if let Some((low, high)) = local_port_range_move(config, local_port_range) {
+        settings.push((
+            SysctlKey::global(LOCAL_PORT_RANGE),
+            format!("{low}\t{high}"),
+        ));
+    }
     for uplink in &config.uplinks {
         for (setting, value) in [
             ("arp_filter", "1"),
@@ -143,6 +155,40 @@ pub fn desired_sysctls(config: &Config) -> Vec<(SysctlKey, String)> {
         }
     }
     settings
+}
+
+/// The gateway's own ephemeral ports (`net.ipv4.ip_local_port_range`).
+pub const LOCAL_PORT_RANGE: &str = "net/ipv4/ip_local_port_range";
+/// How many ephemeral ports a moved `ip_local_port_range` gets at most, and at least (below
+/// that the NAT range is too low to move the gateway's own ports under it).
+const MOVED_LOCAL_PORTS: u16 = 16_384;
+const MOVED_LOCAL_PORTS_MIN: u16 = 1_024;
+/// The lowest port a moved `ip_local_port_range` may start at: below are services' ports.
+const MOVED_LOCAL_PORT_FLOOR: u16 = 1_024;
+
+/// The `ip_local_port_range` the gateway must get when its current one (`current`) overlaps
+/// the NAT range: the ports just below `nat_port_min`, keeping the current low end when that
+/// leaves enough. Translated ports and the gateway's (and the proxy's) own sockets on an
+/// uplink address must never meet. `None` when nothing needs to move, or when nothing can
+/// (the NAT range starts too low; `check` reports that).
+pub fn local_port_range_move(config: &Config, current: Option<(u16, u16)>) -> Option<(u16, u16)> {
+    let (low, high) = current?;
+    let (min, max) = (config.dataplane.nat_port_min, config.dataplane.nat_port_max);
+    if !config.dataplane.enabled || min > high || low > max {
+        return None;
+    }
+    let new_high = min.checked_sub(1)?;
+    let wanted_low = new_high
+        .saturating_sub(MOVED_LOCAL_PORTS - 1)
+        .max(MOVED_LOCAL_PORT_FLOOR);
+    // An administrator's lower start is kept when it still leaves room below the NAT range.
+    let new_low = if low < wanted_low {
+        low.max(MOVED_LOCAL_PORT_FLOOR)
+    } else {
+        wanted_low
+    };
+    (new_high >= new_low && new_high - new_low + 1 >= MOVED_LOCAL_PORTS_MIN)
+        .then_some((new_low, new_high))
 }
 
 /// How strictly `desired` treats an uplink the kernel cannot use right now.
@@ -205,12 +251,18 @@ fn check(config: &Config, observed: &Observed) -> Result<(), ConfigError> {
         && let Some((low, high)) = observed.local_port_range
     {
         let (min, max) = (config.dataplane.nat_port_min, config.dataplane.nat_port_max);
-        if min <= high && low <= max {
+        // An overlap `run` removes by moving the gateway's range below the NAT range is fine.
+        if min <= high
+            && low <= max
+            && local_port_range_move(config, observed.local_port_range).is_none()
+        {
             return Err(config.error(
                 "dataplane.nat_port_min",
                 format!(
-                    "the NAT ports {min}-{max} overlap the gateway's ip_local_port_range {low}-{high}; \
-                     its own sockets would be shadowed: move one of the ranges"
+                    "the NAT ports {min}-{max} overlap the gateway's ip_local_port_range {low}-{high}, \
+                     and leave too little room below them to move it there (at least \
+                     {MOVED_LOCAL_PORTS_MIN} ports from {MOVED_LOCAL_PORT_FLOOR}): its own sockets \
+                     would be shadowed; raise nat_port_min"
                 ),
             ));
         }
@@ -346,7 +398,7 @@ pub fn desired_from(config: &Config, observed: &Observed, states: Vec<UplinkStat
         .iter()
         .filter_map(|s| s.interface.as_ref().map(|i| i.name.as_str()))
         .collect();
-    let sysctls = desired_sysctls(config)
+    let sysctls = desired_sysctls(config, observed.local_port_range)
         .into_iter()
         .filter(|(key, _)| match key.interface() {
             Some(name) => present.contains(&name),

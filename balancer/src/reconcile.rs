@@ -45,19 +45,19 @@ pub async fn observe(netlink: &Netlink, config: &Config) -> Result<Observed, Ope
     let addresses = netlink.ipv4_addresses().await?;
     let routes = netlink.routes(&links).await?;
     let rules = netlink.rules().await?;
-    let mut sysctls = BTreeMap::new();
-    for (key, _) in plan::desired_sysctls(config) {
-        // A setting of an interface that does not exist reads as empty; the plan reports the
-        // missing interface itself with the config key.
-        let value = sysctl::read(&key).unwrap_or_default();
-        sysctls.insert(key, value);
-    }
     let local_port_range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|text| {
             let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
             Some((parts.next()??, parts.next()??))
         });
+    let mut sysctls = BTreeMap::new();
+    for (key, _) in plan::desired_sysctls(config, local_port_range) {
+        // A setting of an interface that does not exist reads as empty; the plan reports the
+        // missing interface itself with the config key.
+        let value = sysctl::read(&key).unwrap_or_default();
+        sysctls.insert(key, value);
+    }
     Ok(Observed {
         down: Vec::new(),
         local_port_range,

@@ -6,6 +6,10 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, PerCpuArray};
 use balancer_common::{
+    counters::{
+        COUNTER_HALVES_REMOVED, COUNTER_MAPPING_COLLISIONS, COUNTER_PORT_TAKEOVERS,
+        COUNTER_PROMOTIONS_REFUSED, COUNTERS_MAP,
+    },
     flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps as names,
     policy::flow_expired_with_replies,
@@ -66,6 +70,20 @@ pub struct Stats {
     /// those every few seconds): how full the tables are.
     pub flow_entries: u64,
     pub reverse_entries: u64,
+    /// Entries in the pending tables: flows not answered yet (an LRU pair of their own, so
+    /// a flood of them never evicts an answered flow).
+    pub pending_entries: u64,
+    pub pending_reverse_entries: u64,
+    /// Halves of unanswered flows found alone (the other half evicted by newer flows) and
+    /// removed by the programs.
+    pub evictions: u64,
+    /// Answered flows that stayed in the pending table because the main one was full.
+    pub promotions_refused: u64,
+    /// Translated ports taken from a closed TCP flow or from a half left alone.
+    pub port_takeovers: u64,
+    /// New flows of an endpoint with a mapping that got another port than the mapping's (their
+    /// 5-tuple would have collided with another flow's).
+    pub mapping_collisions: u64,
     /// Packets passed untouched or dropped, by reason.
     pub reasons: BTreeMap<String, u64>,
 }
@@ -165,6 +183,13 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
         });
     }
 
+    let pending_entries = count_entries::<FlowKey, FlowEntry>(pins, names::PENDING_FLOWS)?;
+    let pending_reverse_entries =
+        count_entries::<ReverseKey, ReverseEntry>(pins, names::PENDING_REVERSE)?;
+    let counters_map = open_pinned(pins, COUNTERS_MAP)?;
+    let lan_counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(counters_map).map_err(map_error(COUNTERS_MAP))?;
+
     let reasons_map = open_pinned(pins, names::REASONS)?;
     let reasons_array: PerCpuArray<_, u64> =
         PerCpuArray::try_from(reasons_map).map_err(map_error(names::REASONS))?;
@@ -180,8 +205,24 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
         uplinks: result,
         flow_entries,
         reverse_entries,
+        pending_entries,
+        pending_reverse_entries,
+        evictions: sum(&lan_counters, COUNTER_HALVES_REMOVED)?,
+        promotions_refused: sum(&lan_counters, COUNTER_PROMOTIONS_REFUSED)?,
+        port_takeovers: sum(&lan_counters, COUNTER_PORT_TAKEOVERS)?,
+        mapping_collisions: sum(&lan_counters, COUNTER_MAPPING_COLLISIONS)?,
         reasons,
     })
+}
+
+/// How many entries the pinned hash map `name` holds.
+fn count_entries<K: aya::Pod, V: aya::Pod>(
+    pins: &PinDir,
+    name: &'static str,
+) -> Result<u64, StatsError> {
+    let map: HashMap<_, K, V> =
+        HashMap::try_from(open_pinned(pins, name)?).map_err(map_error(name))?;
+    Ok(map.iter().filter_map(Result::ok).count() as u64)
 }
 
 /// `bpf_ktime_get_ns()` is CLOCK_MONOTONIC: the same clock, so timeouts compare.
@@ -235,8 +276,12 @@ pub fn table(stats: &Stats) -> String {
         ));
     }
     out.push_str(&format!(
-        "flow table: {} entries, reverse NAT: {} entries\n",
-        stats.flow_entries, stats.reverse_entries
+        "flow table: {} entries, reverse NAT: {} entries; pending (unanswered): {} flows, {} reverse\n",
+        stats.flow_entries, stats.reverse_entries, stats.pending_entries, stats.pending_reverse_entries
+    ));
+    out.push_str(&format!(
+        "evictions: {}, promotions refused (table full): {}, port takeovers: {}, mapping collisions: {}\n",
+        stats.evictions, stats.promotions_refused, stats.port_takeovers, stats.mapping_collisions
     ));
     let noted: Vec<String> = stats
         .reasons

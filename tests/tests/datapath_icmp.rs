@@ -214,7 +214,8 @@ fn errors_that_name_no_flow_pass_untouched() -> anyhow::Result<()> {
         quoted[at..at + bytes.len()].copy_from_slice(bytes);
         quoted
     };
-    let own = Packet::udp((uplink_addr(id), 40_000), (SERVER, 53)).bytes();
+    // The gateway's own socket: a port of its (moved) ip_local_port_range, below the NAT range.
+    let own = Packet::udp((uplink_addr(id), 20_000), (SERVER, 53)).bytes();
     let to = uplink_addr(id);
     let unmatched = [
         (

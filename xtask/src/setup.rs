@@ -38,6 +38,9 @@ const LAB_PACKAGES: &[&str] = &[
     "udhcpc",
     // The systemd lab test boots this machine's root under systemd-nspawn.
     "systemd-container",
+    // The NAT behaviour test: a classic STUN client and server (RFC 3489 classification).
+    "stun-client",
+    "stun-server",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13";

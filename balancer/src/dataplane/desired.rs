@@ -162,12 +162,15 @@ pub fn desired(config: &Config, observed: &Observed, states: &[UplinkState]) -> 
         .map(|u| (u.id, u.weight))
         .collect();
     let data = &config.dataplane;
+    // The range the gateway's own sockets use once the pass applied its settings.
+    let local_ports = crate::plan::local_port_range_move(config, observed.local_port_range)
+        .or(observed.local_port_range);
     let seconds = |s: u32| u64::from(s) * 1_000_000_000;
     let settings = Settings {
         nat_port_min: data.nat_port_min,
         nat_port_max: data.nat_port_max,
-        local_port_min: observed.local_port_range.map_or(0, |(low, _)| low),
-        local_port_max: observed.local_port_range.map_or(0, |(_, high)| high),
+        local_port_min: local_ports.map_or(0, |(low, _)| low),
+        local_port_max: local_ports.map_or(0, |(_, high)| high),
         tcp_syn_timeout_ns: seconds(data.tcp_syn_timeout),
         tcp_established_timeout_ns: seconds(data.tcp_established_timeout),
         tcp_closing_timeout_ns: seconds(data.tcp_closing_timeout),

@@ -129,37 +129,50 @@ impl Dataplane {
         &mut self,
         destinations: &[(Ipv4Net, u32)],
     ) -> Result<usize, DataplaneError> {
-        let contradicting: Vec<(FlowKey, FlowEntry)> = {
-            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
-            flows
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(key, entry)| {
-                    let remote = Ipv4Addr::from(key.remote_addr.to_ne_bytes());
-                    contradicts(destinations, remote, entry.uplink_id)
-                })
-                .collect()
-        };
         let mut removed = 0;
-        for (key, entry) in &contradicting {
-            if self.remove_flow(key, entry)? {
-                removed += 1;
+        for pair in [FlowPair::MAIN, FlowPair::PENDING] {
+            let contradicting: Vec<(FlowKey, FlowEntry)> = {
+                let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, pair.flows)?;
+                flows
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(key, entry)| {
+                        let remote = Ipv4Addr::from(key.remote_addr.to_ne_bytes());
+                        contradicts(destinations, remote, entry.uplink_id)
+                    })
+                    .collect()
+            };
+            for (key, entry) in &contradicting {
+                if self.remove_flow_in(pair, key, entry)? {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
     }
 
-    /// Removes flow `key` and its reverse half; the latter only while it still belongs to this
-    /// flow, since the programs may have handed a closed flow's port to a new flow meanwhile.
+    /// Removes answered flow `key` and its reverse half; the latter only while it still
+    /// belongs to this flow, since the programs may have handed a closed flow's port to a new
+    /// flow meanwhile.
     pub(super) fn remove_flow(
         &mut self,
         key: &FlowKey,
         entry: &FlowEntry,
     ) -> Result<bool, DataplaneError> {
-        let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+        self.remove_flow_in(FlowPair::MAIN, key, entry)
+    }
+
+    /// `remove_flow` for the flow tables `pair`.
+    fn remove_flow_in(
+        &mut self,
+        pair: FlowPair,
+        key: &FlowKey,
+        entry: &FlowEntry,
+    ) -> Result<bool, DataplaneError> {
+        let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, pair.flows)?;
         let removed = flows.remove(key).is_ok();
         let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =
-            typed(&mut self.ebpf, names::NAT_REVERSE)?;
+            typed(&mut self.ebpf, pair.reverse)?;
         let half = reverse_key(key, entry);
         if reverse.get(&half, 0).is_ok_and(|owner| owner.flow == *key) {
             let _ = reverse.remove(&half);
@@ -189,21 +202,81 @@ impl Dataplane {
     }
 
     /// Deletes flows whose timeout has passed (both halves), so their ports are free again, and
-    /// reverse entries whose flow is gone or points elsewhere (left by LRU eviction or a lost
-    /// race), which would otherwise hold their ports. Returns how many entries it removed.
+    /// reverse entries whose flow is gone or points elsewhere (left by LRU eviction of a pending
+    /// flow or a lost race), which would otherwise hold their ports. Answered and pending flows
+    /// alike. Returns how many entries it removed.
     pub fn sweep(&mut self, now_ns: u64) -> Result<usize, DataplaneError> {
         let settings = {
             let map: Array<_, Settings> = typed(&mut self.ebpf, names::SETTINGS)?;
             map.get(&0, 0).map_err(read_error(names::SETTINGS))?
         };
+        let mut removed = 0;
+        for (index, pair) in [FlowPair::MAIN, FlowPair::PENDING].into_iter().enumerate() {
+            removed += self.sweep_expired(pair, &settings, now_ns)?;
+            let orphans = self.orphans(pair)?;
+            // The kernel creates the reverse half first, so a flow being created (or promoted)
+            // right now looks like an orphan for a moment: only what was orphaned at the
+            // previous sweep too is removed.
+            let confirmed: Vec<ReverseKey> = orphans
+                .intersection(&self.orphans_seen[index])
+                .copied()
+                .collect();
+            let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =
+                typed(&mut self.ebpf, pair.reverse)?;
+            for key in &confirmed {
+                if reverse.remove(key).is_ok() {
+                    removed += 1;
+                }
+            }
+            self.orphans_seen[index] = orphans;
+            // Forward halves whose reverse half an LRU evicted: the programs remove such a
+            // flow on its next packet, the sweeper when it has none (a flood's flows).
+            let lone = self.lone_flows(pair)?;
+            let confirmed: Vec<FlowKey> = lone
+                .intersection(&self.lone_flows_seen[index])
+                .copied()
+                .collect();
+            let mut flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, pair.flows)?;
+            for key in &confirmed {
+                if flows.remove(key).is_ok() {
+                    removed += 1;
+                }
+            }
+            self.lone_flows_seen[index] = lone;
+        }
+        Ok(removed)
+    }
+
+    /// Flows of `pair` whose reverse half is not in `pair` (or belongs to another flow).
+    fn lone_flows(&self, pair: FlowPair) -> Result<HashSet<FlowKey>, DataplaneError> {
+        let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, pair.flows)?;
+        let reverse: HashMap<_, ReverseKey, ReverseEntry> = typed_ref(&self.ebpf, pair.reverse)?;
+        Ok(flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, entry)| {
+                reverse
+                    .get(&reverse_key(key, entry), 0)
+                    .map_or(true, |value| value.flow != *key)
+            })
+            .map(|(key, _)| key)
+            .collect())
+    }
+
+    /// Removes the expired flows of `pair`; returns how many.
+    fn sweep_expired(
+        &mut self,
+        pair: FlowPair,
+        settings: &Settings,
+        now_ns: u64,
+    ) -> Result<usize, DataplaneError> {
         // A first filter on the flow's own activity; candidates are checked with their
         // replies below.
         let expired = |key: &FlowKey, entry: &FlowEntry| {
-            balancer_common::policy::flow_expired(entry, key.protocol, &settings, now_ns)
+            balancer_common::policy::flow_expired(entry, key.protocol, settings, now_ns)
         };
-        let mut removed = 0;
         let candidates: Vec<FlowKey> = {
-            let flows: HashMap<_, FlowKey, FlowEntry> = typed(&mut self.ebpf, names::FLOWS)?;
+            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, pair.flows)?;
             flows
                 .iter()
                 .filter_map(Result::ok)
@@ -211,16 +284,17 @@ impl Dataplane {
                 .map(|(key, _)| key)
                 .collect()
         };
+        let mut removed = 0;
         for key in candidates {
-            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
+            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, pair.flows)?;
             // The program may have refreshed the flow since the scan: look again right before.
             let Ok(entry) = flows.get(&key, 0) else {
                 continue;
             };
             // Ordinary replies refresh only the reverse half: a remote still sending keeps the
-            // flow.
+            // flow. (A pending flow has had no reply; its reverse half holds its creation time.)
             let reverse: HashMap<_, ReverseKey, ReverseEntry> =
-                typed_ref(&self.ebpf, names::NAT_REVERSE)?;
+                typed_ref(&self.ebpf, pair.reverse)?;
             let last_reply = reverse
                 .get(&reverse_key(&key, &entry), 0)
                 .ok()
@@ -230,43 +304,51 @@ impl Dataplane {
                 &entry,
                 last_reply,
                 key.protocol,
-                &settings,
+                settings,
                 now_ns,
             );
-            if expired && self.remove_flow(&key, &entry)? {
+            if expired && self.remove_flow_in(pair, &key, &entry)? {
                 removed += 1;
             }
         }
-        let orphans: HashSet<ReverseKey> = {
-            let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, names::FLOWS)?;
-            let reverse: HashMap<_, ReverseKey, ReverseEntry> =
-                typed_ref(&self.ebpf, names::NAT_REVERSE)?;
-            reverse
-                .iter()
-                .filter_map(Result::ok)
-                .filter(
-                    |(reverse_key_found, value)| match flows.get(&value.flow, 0) {
-                        Ok(entry) => reverse_key(&value.flow, &entry) != *reverse_key_found,
-                        Err(_) => true,
-                    },
-                )
-                .map(|(k, _)| k)
-                .collect()
-        };
-        // The kernel creates the reverse half first, so a flow being created right now looks like
-        // an orphan for a moment: only what was orphaned at the previous sweep too is removed.
-        let confirmed: Vec<ReverseKey> =
-            orphans.intersection(&self.orphans_seen).copied().collect();
-        let mut reverse: HashMap<_, ReverseKey, ReverseEntry> =
-            typed(&mut self.ebpf, names::NAT_REVERSE)?;
-        for key in &confirmed {
-            if reverse.remove(key).is_ok() {
-                removed += 1;
-            }
-        }
-        self.orphans_seen = orphans;
         Ok(removed)
     }
+
+    /// Reverse entries of `pair` whose flow is not in `pair` with that translation.
+    fn orphans(&self, pair: FlowPair) -> Result<HashSet<ReverseKey>, DataplaneError> {
+        let flows: HashMap<_, FlowKey, FlowEntry> = typed_ref(&self.ebpf, pair.flows)?;
+        let reverse: HashMap<_, ReverseKey, ReverseEntry> = typed_ref(&self.ebpf, pair.reverse)?;
+        Ok(reverse
+            .iter()
+            .filter_map(Result::ok)
+            .filter(
+                |(reverse_key_found, value)| match flows.get(&value.flow, 0) {
+                    Ok(entry) => reverse_key(&value.flow, &entry) != *reverse_key_found,
+                    Err(_) => true,
+                },
+            )
+            .map(|(k, _)| k)
+            .collect())
+    }
+}
+
+/// The two flow tables, each a forward and a reverse map: answered flows (never evicted) and
+/// pending ones (an LRU pair a flood of unanswered flows may churn).
+#[derive(Clone, Copy)]
+struct FlowPair {
+    flows: &'static str,
+    reverse: &'static str,
+}
+
+impl FlowPair {
+    const MAIN: Self = Self {
+        flows: names::FLOWS,
+        reverse: names::NAT_REVERSE,
+    };
+    const PENDING: Self = Self {
+        flows: names::PENDING_FLOWS,
+        reverse: names::PENDING_REVERSE,
+    };
 }
 
 /// Whether a flow to `remote` on uplink `uplink_id` contradicts `destinations` as the programs

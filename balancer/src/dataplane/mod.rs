@@ -30,7 +30,7 @@ use aya::{
 };
 use balancer_common::{
     counters::{COUNTER_BYTES, COUNTER_IPV4, COUNTER_PACKETS, COUNTERS_MAP},
-    flow::ReverseKey,
+    flow::{FlowKey, ReverseKey},
     maps as names,
 };
 
@@ -165,8 +165,10 @@ pub struct Dataplane {
     attached: BTreeSet<(u32, Direction)>,
     /// What was last written to the maps; an unchanged desired state writes nothing.
     written: Option<DataplaneDesired>,
-    /// Reverse entries without a flow at the last sweep.
-    orphans_seen: HashSet<ReverseKey>,
+    /// Reverse entries without their flow at the last sweep, main table and pending table.
+    orphans_seen: [HashSet<ReverseKey>; 2],
+    /// Flows without their reverse half at the last sweep, main table and pending table.
+    lone_flows_seen: [HashSet<FlowKey>; 2],
 }
 
 /// Every program in the object, in the order they are loaded.
@@ -179,8 +181,11 @@ const PROGRAMS: [&str; 5] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 16] = [
     names::FLOWS,
+    names::MAPPINGS,
+    names::PENDING_FLOWS,
+    names::PENDING_REVERSE,
     names::INBOUND,
     names::NAT_REVERSE,
     names::UPLINKS,
@@ -221,7 +226,9 @@ impl Dataplane {
         }
         loader
             .map_max_entries(names::FLOWS, flow_entries)
-            .map_max_entries(names::NAT_REVERSE, flow_entries);
+            .map_max_entries(names::NAT_REVERSE, flow_entries)
+            .map_max_entries(names::PENDING_FLOWS, flow_entries)
+            .map_max_entries(names::PENDING_REVERSE, flow_entries);
         let ebpf = loader
             .load(OBJECT)
             .map_err(|error| DataplaneError::Object(Box::new(error)))?;
@@ -229,7 +236,7 @@ impl Dataplane {
         if adopted {
             // aya reuses a pinned map as it is; a new size only takes effect after `down`.
             if let Some(Ok(info)) = dataplane.ebpf.map(names::FLOWS).map(|map| match map {
-                aya::maps::Map::LruHashMap(data) => data.info(),
+                aya::maps::Map::HashMap(data) => data.info(),
                 _ => Err(MapError::InvalidName {
                     name: names::FLOWS.into(),
                 }),
@@ -256,7 +263,8 @@ impl Dataplane {
             pins,
             attached: BTreeSet::new(),
             written: None,
-            orphans_seen: HashSet::new(),
+            orphans_seen: Default::default(),
+            lone_flows_seen: Default::default(),
         })
     }
 

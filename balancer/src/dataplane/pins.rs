@@ -64,6 +64,8 @@ pub fn remove_stale_maps(pins: &PinDir, pinned: &[&'static str]) -> Result<(), D
     let probe = EbpfLoader::new()
         .map_max_entries(names::FLOWS, 1)
         .map_max_entries(names::NAT_REVERSE, 1)
+        .map_max_entries(names::PENDING_FLOWS, 1)
+        .map_max_entries(names::PENDING_REVERSE, 1)
         .load(OBJECT)
         .map_err(|error| DataplaneError::Object(Box::new(error)))?;
     let mut stale = Vec::new();
@@ -76,7 +78,13 @@ pub fn remove_stale_maps(pins: &PinDir, pinned: &[&'static str]) -> Result<(), D
         let Some(Ok(wanted)) = wanted else {
             continue;
         };
-        let resizable = *name == names::FLOWS || *name == names::NAT_REVERSE;
+        let resizable = [
+            names::FLOWS,
+            names::NAT_REVERSE,
+            names::PENDING_FLOWS,
+            names::PENDING_REVERSE,
+        ]
+        .contains(name);
         let fits = MapInfo::from_pin(&path).is_ok_and(|found| {
             found.map_type().ok() == wanted.map_type().ok()
                 && found.key_size() == wanted.key_size()

@@ -420,22 +420,44 @@ fn ownership_needs_both_the_protocol_and_the_range() {
 }
 
 #[test]
-fn nat_ports_must_stay_out_of_the_local_port_range() {
+fn the_local_port_range_moves_below_the_nat_ports_or_check_refuses() {
+    let sysctl_of = |desired: &Desired| -> Option<String> {
+        desired
+            .sysctls
+            .iter()
+            .find(|(key, _)| key.0 == "net/ipv4/ip_local_port_range")
+            .map(|(_, value)| value.clone())
+    };
+    // Linux's default range overlaps the default NAT range (32768-65535): accepted, and moved.
     let config = Config::parse(CONFIG).unwrap();
     let mut state = observed();
-    state.local_port_range = Some((32768, 61999));
-    let error = desired(&config, &state, Strictness::Strict).unwrap_err();
+    state.local_port_range = Some((32768, 60999));
+    let moved = desired(&config, &state, Strictness::Strict).unwrap();
+    assert_eq!(sysctl_of(&moved).as_deref(), Some("16384\t32767"));
+    // An administrator's lower start is kept.
+    state.local_port_range = Some((10000, 40000));
+    let moved = desired(&config, &state, Strictness::Strict).unwrap();
+    assert_eq!(sysctl_of(&moved).as_deref(), Some("10000\t32767"));
+    // Once moved, nothing more to do.
+    state.local_port_range = Some((16384, 32767));
+    assert_eq!(
+        sysctl_of(&desired(&config, &state, Strictness::Strict).unwrap()),
+        None
+    );
+
+    // NAT ports starting so low that too little room is left below them: refused.
+    let low = Config::parse(&format!("{CONFIG}\n[dataplane]\nnat_port_min = 2000\n")).unwrap();
+    state.local_port_range = Some((32768, 60999));
+    let error = desired(&low, &state, Strictness::Strict).unwrap_err();
     assert_eq!(error.key, "dataplane.nat_port_min");
-    assert!(error.message.contains("61000-65535"), "{error}");
+    assert!(error.message.contains("2000-65535"), "{error}");
     assert!(
-        desired(&config, &state, Strictness::Tolerant).is_ok(),
+        desired(&low, &state, Strictness::Tolerant).is_ok(),
         "a running daemon keeps going"
     );
     let without = Config::parse(&format!("{CONFIG}\n[dataplane]\nenabled = false\n")).unwrap();
-    assert!(
-        desired(&without, &state, Strictness::Strict).is_ok(),
-        "no data plane, no NAT ports"
-    );
+    let plain = desired(&without, &state, Strictness::Strict).unwrap();
+    assert_eq!(sysctl_of(&plain), None, "no data plane, no NAT ports");
 }
 
 #[test]
@@ -517,6 +539,7 @@ fn every_operation_of_an_uplink_is_attributed_to_it_and_the_shared_ones_to_none(
     let shared = of(None);
     assert!(
         shared.iter().all(|op| op.contains("ip_forward")
+            || op.contains("ip_local_port_range")
             || op.contains("priority 10000")
             || op.contains("priority 109")),
         "{shared:#?}"

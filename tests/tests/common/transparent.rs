@@ -16,7 +16,7 @@ use balancer_tests::{
 use super::*;
 
 /// The data plane's translated ports (the contract: `uplink_egress` picks from this range).
-pub const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+pub const NAT_PORTS: std::ops::RangeInclusive<u16> = 32768..=65535;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -134,7 +134,7 @@ pub fn round_trip(dp: &mut Datapath, request: &Packet) -> anyhow::Result<(u8, u1
     );
     let nat_port = u16::from_be(entry.nat_port);
     ensure!(
-        (61_000..=65_535).contains(&nat_port),
+        (32_768..=65_535).contains(&nat_port),
         "nat port {nat_port} outside the default range"
     );
     let reverse = ReverseKey {

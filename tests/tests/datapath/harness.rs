@@ -14,9 +14,9 @@ use aya::{
 use balancer_common::{
     flow::{FlowEntry, FlowKey, InboundEntry, InboundKey, ReverseEntry, ReverseKey},
     maps::{
-        DESTINATIONS, FLOWS, INBOUND, NAT_REVERSE, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS,
-        PROGRAM_UPLINK_INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX,
-        UPLINK_COUNTERS, UPLINKS,
+        DESTINATIONS, FLOWS, INBOUND, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE,
+        PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS, REASONS, SCHEDULE,
+        SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
     },
     policy::smooth_weighted_schedule,
     stats::UPLINK_COUNTER_FIELDS,
@@ -65,9 +65,16 @@ impl Datapath {
     /// 1, 2, 3 with weights 2:2:1, the default settings, and the destinations 198.18.0.0/24
     /// (pass) and 198.18.1.0/24 (forced onto uplink 1). Uplink programs act for uplink 1.
     pub fn load() -> anyhow::Result<Self> {
+        Self::load_with_entries(FLOW_ENTRIES)
+    }
+
+    /// `load` with flow tables of `entries` entries each (as `flow_entries` sets them).
+    pub fn load_with_entries(entries: u32) -> anyhow::Result<Self> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(FLOWS, FLOW_ENTRIES)
-            .map_max_entries(NAT_REVERSE, FLOW_ENTRIES)
+            .map_max_entries(FLOWS, entries)
+            .map_max_entries(NAT_REVERSE, entries)
+            .map_max_entries(PENDING_FLOWS, entries)
+            .map_max_entries(PENDING_REVERSE, entries)
             .load(balancer::dataplane::object())
             .context("parsing the embedded object")?;
         for name in PROGRAMS {
@@ -183,14 +190,28 @@ impl Datapath {
         Ok(())
     }
 
+    /// Every flow, answered (`FLOWS`) or pending (`PENDING_FLOWS`).
     pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowEntry)>> {
-        let map: HashMap<&MapData, FlowKey, FlowEntry> = self.map(FLOWS)?.try_into()?;
+        let mut flows = self.table_flows(FLOWS)?;
+        flows.extend(self.table_flows(PENDING_FLOWS)?);
+        Ok(flows)
+    }
+
+    /// The flows of one table: `FLOWS` or `PENDING_FLOWS`.
+    pub fn table_flows(&self, table: &str) -> anyhow::Result<Vec<(FlowKey, FlowEntry)>> {
+        let map: HashMap<&MapData, FlowKey, FlowEntry> = self.map(table)?.try_into()?;
         Ok(map.iter().collect::<Result<_, _>>()?)
     }
 
+    /// Flow `key`, answered or pending.
     pub fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowEntry>> {
-        let map: HashMap<&MapData, FlowKey, FlowEntry> = self.map(FLOWS)?.try_into()?;
-        Ok(map.get(key, 0).ok())
+        for table in [FLOWS, PENDING_FLOWS] {
+            let map: HashMap<&MapData, FlowKey, FlowEntry> = self.map(table)?.try_into()?;
+            if let Ok(entry) = map.get(key, 0) {
+                return Ok(Some(entry));
+            }
+        }
+        Ok(None)
     }
 
     pub fn insert_flow(&mut self, key: FlowKey, entry: FlowEntry) -> anyhow::Result<()> {
@@ -208,9 +229,37 @@ impl Datapath {
             .collect())
     }
 
+    /// Every reverse entry, answered or pending.
     pub fn reverse_entries(&self) -> anyhow::Result<Vec<(ReverseKey, ReverseEntry)>> {
-        let map: HashMap<&MapData, ReverseKey, ReverseEntry> = self.map(NAT_REVERSE)?.try_into()?;
+        let mut entries = self.table_reverse(NAT_REVERSE)?;
+        entries.extend(self.table_reverse(PENDING_REVERSE)?);
+        Ok(entries)
+    }
+
+    /// The reverse entries of one table: `NAT_REVERSE` or `PENDING_REVERSE`.
+    pub fn table_reverse(&self, table: &str) -> anyhow::Result<Vec<(ReverseKey, ReverseEntry)>> {
+        let map: HashMap<&MapData, ReverseKey, ReverseEntry> = self.map(table)?.try_into()?;
         Ok(map.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Removes `key` from the reverse table `table` (an LRU eviction, as a test sees it).
+    pub fn remove_reverse(&mut self, table: &str, key: &ReverseKey) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, ReverseKey, ReverseEntry> =
+            self.map_mut(table)?.try_into()?;
+        map.remove(key)?;
+        Ok(())
+    }
+
+    /// Removes `key` from the flow table `table` (an LRU eviction, as a test sees it).
+    pub fn remove_flow(&mut self, table: &str, key: &FlowKey) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = self.map_mut(table)?.try_into()?;
+        map.remove(key)?;
+        Ok(())
+    }
+
+    /// A `COUNTERS` slot summed over the CPUs (`balancer_common::counters`).
+    pub fn counter(&self, index: u32) -> anyhow::Result<u64> {
+        self.per_cpu_sum(balancer_common::counters::COUNTERS_MAP, index)
     }
 
     pub fn insert_reverse(&mut self, key: ReverseKey, value: ReverseEntry) -> anyhow::Result<()> {

@@ -18,8 +18,8 @@ use aya::{
 use balancer_common::{
     flow::{FlowEntry, FlowKey, REVERSE_FLAG_ANSWERED, ReverseEntry, ReverseKey},
     maps::{
-        DESTINATIONS, FLOWS, NAT_REVERSE, PROGRAM_LAN_INGRESS as LAN,
-        PROGRAM_REFERENCE_EMPTY as REFERENCE_EMPTY,
+        DESTINATIONS, FLOWS, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE,
+        PROGRAM_LAN_INGRESS as LAN, PROGRAM_REFERENCE_EMPTY as REFERENCE_EMPTY,
         PROGRAM_REFERENCE_NAIVE_SNAT as REFERENCE_NAIVE_SNAT, PROGRAM_UPLINK_EGRESS as EGRESS,
         PROGRAM_UPLINK_INGRESS as INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS,
         UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
@@ -286,6 +286,8 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(FLOWS, FLOW_ENTRIES)
             .map_max_entries(NAT_REVERSE, FLOW_ENTRIES)
+            .map_max_entries(PENDING_FLOWS, FLOW_ENTRIES)
+            .map_max_entries(PENDING_REVERSE, FLOW_ENTRIES)
             .load_file(object)
             .with_context(|| format!("parsing {}", object.display()))?;
         for name in [LAN, EGRESS, INGRESS, REFERENCE_EMPTY, REFERENCE_NAIVE_SNAT] {

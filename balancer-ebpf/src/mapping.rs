@@ -1,0 +1,105 @@
+//! Endpoint-independent mapping (RFC 4787 REQ-1, RFC 5382 REQ-1): the flows of one LAN
+//! endpoint (address, port, protocol) leave by one uplink with one translated port, whatever
+//! their destination, so a peer-to-peer application's address learned from one server (STUN)
+//! is the one every other peer sees. Consulted and written only when a flow is created.
+
+use balancer_common::{
+    counters::COUNTER_MAPPING_COLLISIONS,
+    flow::{FlowKey, MappingEntry, MappingKey, PROTOCOL_TCP, PROTOCOL_UDP},
+    uplink::Settings,
+};
+
+use crate::{
+    flow,
+    maps::{MAPPINGS, UPLINKS, bump},
+};
+
+/// The endpoint's key in `MAPPINGS`, or `None` for flows without one (ICMP echo).
+#[inline(always)]
+pub fn key_of(key: &FlowKey) -> Option<MappingKey> {
+    if key.protocol != PROTOCOL_TCP && key.protocol != PROTOCOL_UDP {
+        return None;
+    }
+    Some(MappingKey {
+        client_addr: key.client_addr,
+        client_port: key.client_port,
+        protocol: key.protocol,
+        _pad: 0,
+    })
+}
+
+/// The endpoint's mapping if a new flow should follow it: its uplink is unchanged and in the
+/// rotation, and a flow made with it is recent or still lives. A flow started while the
+/// mapping's uplink is out of the rotation gets a new mapping elsewhere.
+#[inline(always)]
+pub fn find(
+    endpoint: &MappingKey,
+    key: &FlowKey,
+    settings: &Settings,
+    now_ns: u64,
+) -> Option<MappingEntry> {
+    // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
+    let mapping = unsafe { *MAPPINGS.get_ptr(endpoint)? };
+    let uplink = UPLINKS.get(u32::from(mapping.uplink_id))?;
+    if uplink.source_addr == 0
+        || uplink.enabled != 1
+        || uplink.generation != mapping.uplink_generation
+    {
+        return None;
+    }
+    let lifetime = if key.protocol == PROTOCOL_TCP {
+        settings.tcp_established_timeout_ns
+    } else {
+        settings.udp_timeout_ns
+    };
+    if now_ns.saturating_sub(mapping.last_flow_ns) < lifetime || anchor_lives(key, &mapping) {
+        Some(mapping)
+    } else {
+        None
+    }
+}
+
+/// Whether the flow the mapping was last used for is still in the tables with its translation.
+#[inline(always)]
+fn anchor_lives(key: &FlowKey, mapping: &MappingEntry) -> bool {
+    let anchor = FlowKey {
+        remote_addr: mapping.anchor_remote_addr,
+        remote_port: mapping.anchor_remote_port,
+        ..*key
+    };
+    // SAFETY: a successful lookup returns a pointer to the value; read at once.
+    flow::lookup(&anchor).is_some_and(|entry| unsafe {
+        (*entry).nat_port == mapping.nat_port && (*entry).uplink_id == mapping.uplink_id
+    })
+}
+
+/// Records that flow `key` was created on uplink `id` (generation `generation`) with
+/// translated port `nat_port`. With an existing `mapping` the endpoint keeps it: a flow that
+/// had to take another port (its 5-tuple would collide) is counted and changes nothing.
+#[inline(always)]
+pub fn record(
+    endpoint: &MappingKey,
+    key: &FlowKey,
+    mapping: Option<MappingEntry>,
+    id: u32,
+    generation: u32,
+    nat_port: u16,
+    now_ns: u64,
+) {
+    if let Some(mapping) = mapping
+        && (mapping.nat_port != nat_port || u32::from(mapping.uplink_id) != id)
+    {
+        bump(COUNTER_MAPPING_COLLISIONS, 1);
+        return;
+    }
+    let entry = MappingEntry {
+        last_flow_ns: now_ns,
+        anchor_remote_addr: key.remote_addr,
+        anchor_remote_port: key.remote_port,
+        nat_port,
+        uplink_generation: generation,
+        uplink_id: id as u8,
+        _pad: [0; 3],
+    };
+    let _ = MAPPINGS.insert(endpoint, &entry, 0);
+}
