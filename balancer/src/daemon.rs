@@ -7,6 +7,7 @@
 //! leaves everything in place so a restart or upgrade never cuts the office off, unless told
 //! to tear down on exit.
 
+mod release;
 mod reload;
 mod status_socket;
 
@@ -261,40 +262,6 @@ impl Daemon {
                 .collect();
             monitor.follow(&probed, &self.config.health);
         }
-    }
-
-    /// Gives up the connections of every uplink out of the rotation and silent past the reset
-    /// delay (`health::release`): the data plane resets its TCP clients and releases its flows,
-    /// the proxy closes its tunnels and kept connections.
-    fn release_due(&mut self, liveness: &health::Liveness) {
-        let after = Duration::from_millis(u64::from(self.config.health.reset_after_ms));
-        let due = self.releases.due(
-            std::time::Instant::now(),
-            after,
-            liveness,
-            self.passive.condemned(),
-        );
-        if due.is_empty() {
-            return;
-        }
-        for id in due {
-            let reset = match &mut self.dataplane {
-                Some(dataplane) => match dataplane.release(id) {
-                    Ok(reset) => reset,
-                    Err(error) => {
-                        tracing::warn!(uplink = id, error = %error_chain(&error), "releasing the flows of an uplink silent past the reset delay");
-                        0
-                    }
-                },
-                None => 0,
-            };
-            tracing::info!(
-                uplink = id,
-                reset,
-                "gave up the connections of an uplink silent past the reset delay; reset its TCP clients"
-            );
-        }
-        crate::proxy::released(&self.proxy_feed, self.releases.releases());
     }
 
     /// The source an uplink has now (configured or learned), from the last pass.
