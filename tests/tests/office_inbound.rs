@@ -45,6 +45,8 @@ fn port_forwards_and_gateway_services_answer_through_every_uplink() {
          udp dport {FORWARDED} dnat to {client_addr}:{WHOAMI}\n }}\n}}\n"
     );
     nft(lab, &lab.gw(), &ruleset);
+    // UDP forwards are learnt from the ruleset every 30 s or at once on SIGHUP.
+    reread_forwards(&gw);
     lab.labtool_exec(
         &lab.inet(),
         &["wait-tcp", &format!("{client_addr}:{WHOAMI}")],
