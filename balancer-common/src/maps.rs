@@ -2,7 +2,7 @@
 
 /// Bumped whenever a map's key, value or size changes meaning: pins live under a directory
 /// named after it, so a new layout never silently reuses an old map.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 pub const FLOWS: &str = "FLOWS";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
@@ -20,6 +20,7 @@ pub const REASONS: &str = "REASONS";
 pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const INBOUND: &str = "INBOUND";
 pub const MAPPINGS: &str = "MAPPINGS";
+pub const FORWARDED_UDP_PORTS: &str = "FORWARDED_UDP_PORTS";
 
 /// Default capacity of `FLOWS`, `NAT_REVERSE` and the pending pair; user space may set another
 /// at load time.
@@ -36,6 +37,9 @@ pub const INBOUND_ENTRIES: u32 = 65_536;
 /// Capacity of `MAPPINGS`: LAN endpoints (address, port, protocol) with a mapping. LRU: an
 /// evicted mapping costs only that the endpoint's next new flow may get another one.
 pub const MAPPING_ENTRIES: u32 = 65_536;
+
+/// Capacity of `FORWARDED_UDP_PORTS`: every port, so any set of forwards fits.
+pub const FORWARDED_UDP_PORT_ENTRIES: u32 = 65_536;
 
 /// Program names (the function names of the classifiers).
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";

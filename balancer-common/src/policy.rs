@@ -160,21 +160,15 @@ pub fn is_unroutable_source(addr: u32) -> bool {
 
 /// Whether an untranslated packet arriving on an uplink starts a connection whose LAN-side
 /// replies must go back out of that uplink (`INBOUND`): a TCP SYN (not a SYN-ACK, which
-/// answers the gateway's own connect), or UDP to a port that is neither the gateway's
-/// ephemeral range (replies to its own sockets: resolver, probes, proxy) nor the NAT range.
-/// `dst_port` is host order.
+/// answers the gateway's own connect), or UDP to a port the host's firewall forwards
+/// (`udp_forwarded`, from `FORWARDED_UDP_PORTS`). Any other UDP datagram is unsolicited
+/// or a reply to the gateway's own sockets: recording it would let a spoofed source take a LAN
+/// client's own new flows to that remote end for replies and send them out untranslated.
 #[inline(always)]
-pub fn starts_inbound(protocol: u8, tcp_flags: u8, dst_port: u16, settings: &Settings) -> bool {
+pub fn starts_inbound(protocol: u8, tcp_flags: u8, udp_forwarded: bool) -> bool {
     match protocol {
         PROTOCOL_TCP => tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
-        PROTOCOL_UDP => {
-            let (nat_min, nat_max) = nat_port_range(settings);
-            let ephemeral = settings.local_port_min != 0
-                && settings.local_port_min <= dst_port
-                && dst_port <= settings.local_port_max;
-            let translated = nat_min <= dst_port && dst_port <= nat_max;
-            !(ephemeral || translated)
-        }
+        PROTOCOL_UDP => udp_forwarded,
         _ => false,
     }
 }
@@ -497,27 +491,18 @@ mod tests {
 
     #[test]
     fn what_starts_an_inbound_connection() {
-        let settings = Settings {
-            local_port_min: 32_768,
-            local_port_max: 60_999,
-            ..Settings::default()
-        };
-        assert!(starts_inbound(PROTOCOL_TCP, TCP_SYN, 8080, &settings));
+        assert!(starts_inbound(PROTOCOL_TCP, TCP_SYN, false));
         assert!(
-            !starts_inbound(PROTOCOL_TCP, TCP_SYN | TCP_ACK, 8080, &settings),
+            !starts_inbound(PROTOCOL_TCP, TCP_SYN | TCP_ACK, false),
             "a SYN-ACK answers the gateway's own connect"
         );
-        assert!(!starts_inbound(PROTOCOL_TCP, TCP_ACK, 8080, &settings));
-        assert!(starts_inbound(PROTOCOL_UDP, 0, 5060, &settings));
+        assert!(!starts_inbound(PROTOCOL_TCP, TCP_ACK, false));
+        assert!(starts_inbound(PROTOCOL_UDP, 0, true), "a forwarded port");
         assert!(
-            !starts_inbound(PROTOCOL_UDP, 0, 40_000, &settings),
-            "a reply to the gateway's own socket"
+            !starts_inbound(PROTOCOL_UDP, 0, false),
+            "unsolicited, or a reply to the gateway's own socket"
         );
-        assert!(
-            !starts_inbound(PROTOCOL_UDP, 0, 61_500, &settings),
-            "the NAT range"
-        );
-        assert!(!starts_inbound(PROTOCOL_ICMP, 0, 0, &settings));
+        assert!(!starts_inbound(PROTOCOL_ICMP, 0, true));
         assert_eq!(
             inbound_timeout_ns(PROTOCOL_UDP, &Settings::default()),
             DEFAULT_UDP_TIMEOUT_NS

@@ -1,19 +1,19 @@
 //! Connections that arrive on an uplink (port forwards by the host's DNAT, the gateway's own
 //! services): uplink ingress marks every untranslated packet with its uplink's mark (so strict
 //! rp_filter and the `fwmark` rules agree with the way it came) and records the remote end of
-//! each new one in `INBOUND`; LAN ingress marks a LAN host's reply to such a connection for the
+//! each new one in `INBOUND` (a TCP SYN, or UDP to a port the host forwards); LAN ingress marks a LAN host's reply to such a connection for the
 //! same uplink without giving it a flow or a NAT port, and conntrack translates it back.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use balancer_common::{
-    flow::{InboundEntry, InboundKey, PROTOCOL_TCP},
+    flow::{InboundEntry, InboundKey, PROTOCOL_TCP, PROTOCOL_UDP},
     policy::{TCP_ACK, TCP_SYN, inbound_timeout_ns, starts_inbound},
     uplink::Settings,
 };
 
 use crate::{
     lan_ingress::set_mark,
-    maps::{INBOUND, SETTINGS, UPLINK_BY_IFINDEX, UPLINKS},
+    maps::{FORWARDED_UDP_PORTS, INBOUND, UPLINK_BY_IFINDEX, UPLINKS},
     parse::Packet,
 };
 
@@ -34,15 +34,10 @@ pub fn arrived(ctx: &TcContext, packet: &Packet) {
         return;
     }
     set_mark(ctx, uplink.mark);
-    let Some(settings) = SETTINGS.get(0) else {
-        return;
-    };
-    let starts = starts_inbound(
-        packet.ip.protocol,
-        packet.tcp_flags,
-        u16::from_be(packet.dst_port),
-        settings,
-    );
+    // SAFETY: the value is a plain u8 and only its presence is used.
+    let udp_forwarded = packet.ip.protocol == PROTOCOL_UDP
+        && unsafe { FORWARDED_UDP_PORTS.get(&packet.dst_port) }.is_some();
+    let starts = starts_inbound(packet.ip.protocol, packet.tcp_flags, udp_forwarded);
     if !starts || packet.ip.dst != uplink.source_addr {
         return;
     }

@@ -12,7 +12,10 @@ use balancer_common::{
         FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, MappingEntry,
         MappingKey, ReverseEntry, ReverseKey,
     },
-    maps::{DEFAULT_FLOW_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES, MAPPING_ENTRIES},
+    maps::{
+        DEFAULT_FLOW_ENTRIES, FORWARDED_UDP_PORT_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES,
+        MAPPING_ENTRIES,
+    },
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
     uplink::{
         DESTINATION_ENTRIES, SCHEDULE_SLOTS, ScheduleLength, Settings, UPLINK_BY_IFINDEX_ENTRIES,
@@ -64,6 +67,13 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
 #[map]
 pub static INBOUND: LruHashMap<InboundKey, InboundEntry> =
     LruHashMap::with_max_entries(INBOUND_ENTRIES, 0);
+
+/// UDP ports (network order) the host's firewall forwards (DNAT), as the daemon read them from
+/// the nftables ruleset; the value is unused. Only datagrams to these ports are recorded in
+/// `INBOUND`.
+#[map]
+pub static FORWARDED_UDP_PORTS: HashMap<u16, u8> =
+    HashMap::with_max_entries(FORWARDED_UDP_PORT_ENTRIES, 0);
 
 /// LAN endpoints -> the uplink and translated port all their flows get (`mapping`).
 #[map]

@@ -110,6 +110,8 @@ struct Daemon {
     traffic: health::liveness::TrafficWatch,
     /// When a dead uplink's connections are given up, for the data plane and the proxy alike.
     releases: health::release::ReleaseClock,
+    /// Reads the UDP ports the host's firewall forwards, each pass.
+    forwards: crate::firewall::ForwardedUdpReader,
 }
 
 /// What one reconcile pass could not do, per uplink (None: what no uplink owns).
@@ -172,7 +174,11 @@ impl Daemon {
             refused.push(operation);
         }
         applied.extend(owned.into_iter().filter(|op| !refused.contains(op)));
+        let forwarded_udp = self.forwards.read();
         if let Some(dataplane) = &mut self.dataplane {
+            if let Err(error) = dataplane.write_forwarded_udp_ports(&forwarded_udp) {
+                failures.push((None, format!("the data plane: {}", error_chain(&error))));
+            }
             let wanted = dataplane::desired::desired(&self.config, &observed, &desired.uplinks);
             if let Err(error) = dataplane.apply(&wanted) {
                 if strictness == Strictness::Strict {
@@ -392,6 +398,7 @@ async fn serve(
         passive: Default::default(),
         traffic: Default::default(),
         releases: Default::default(),
+        forwards: Default::default(),
     };
 
     // The first apply is all or nothing for what no uplink owns: a failure rolls back and the
@@ -454,6 +461,7 @@ async fn serve(
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
+                daemon.forwards.invalidate();
                 daemon.reload().await;
             }
             _ = watchdog.tick() => {
@@ -462,7 +470,7 @@ async fn serve(
                 }
                 continue;
             }
-            _ = resync.tick() => {}
+            _ = resync.tick() => daemon.forwards.invalidate(),
             // A health verdict changed: act at once, no debounce (failover time counts).
             Ok(()) = verdicts.changed() => {}
             _ = passive_check.tick() => {

@@ -2,9 +2,10 @@
 //! iptables-nft's rules included) that can act on an uplink. Such a rule allocates its own
 //! ports on the uplink's address, which can collide with the data plane's NAT ports and send
 //! replies to the wrong client, so `check` warns about it. DNAT (port forwards) and filtering
-//! are the administrator's and fine.
+//! are the administrator's and fine; the UDP ports they forward are read for the data plane,
+//! which records unsolicited UDP as an inbound connection only on those ports.
 
-use std::process::Command;
+use std::{collections::BTreeSet, process::Command};
 
 use serde_json::Value;
 
@@ -88,6 +89,160 @@ pub fn source_nat_on_uplinks(
         }
     }
     Ok(found)
+}
+
+/// The forwarded UDP ports, read again after [`ForwardedUdpReader::invalidate`] (the daemon's
+/// 30 s resync and SIGHUP) rather than on every reconcile pass, some of which come ten times a
+/// second; an unreadable ruleset is logged once, not every time.
+#[derive(Debug, Default)]
+pub struct ForwardedUdpReader {
+    ports: Option<BTreeSet<u16>>,
+    unreadable: bool,
+}
+
+impl ForwardedUdpReader {
+    /// Makes the next [`ForwardedUdpReader::read`] run nft again.
+    pub fn invalidate(&mut self) {
+        self.ports = None;
+    }
+
+    /// The UDP ports the host's nftables forwards; none where nft is not installed. On failure
+    /// none either: then no unsolicited datagram can make a LAN client's own flows to its
+    /// source be taken for replies, and only UDP forwards' replies lose their uplink.
+    pub fn read(&mut self) -> BTreeSet<u16> {
+        if let Some(ports) = &self.ports {
+            return ports.clone();
+        }
+        let read = read_ruleset().and_then(|ruleset| {
+            ruleset.map_or(Ok(BTreeSet::new()), |ruleset| forwarded_udp_ports(&ruleset))
+        });
+        match read {
+            Ok(ports) => {
+                if self.unreadable {
+                    tracing::info!("the nftables ruleset is readable again");
+                }
+                self.unreadable = false;
+                self.ports = Some(ports.clone());
+                ports
+            }
+            Err(error) => {
+                if !self.unreadable {
+                    tracing::warn!(
+                        error = %crate::daemon::error_chain(&error),
+                        "cannot read the nftables ruleset; no UDP port forward is recorded until it can be"
+                    );
+                }
+                self.unreadable = true;
+                self.ports = Some(BTreeSet::new());
+                BTreeSet::new()
+            }
+        }
+    }
+}
+
+/// The UDP destination ports that DNAT rules of `ruleset` (`nft -j list ruleset`) forward:
+/// rules with a `dnat` statement (or an iptables-nft `DNAT` target) that match `udp dport`, or
+/// `th dport` beside `meta l4proto udp`, on a port, a range, an anonymous set or a named set.
+/// A forward matched by a means not read here (e.g. iptables' `multiport`) is not found.
+pub fn forwarded_udp_ports(ruleset: &str) -> Result<BTreeSet<u16>, FirewallError> {
+    let value: Value = serde_json::from_str(ruleset).map_err(FirewallError::Parse)?;
+    let items: Vec<&Value> = value["nftables"].as_array().into_iter().flatten().collect();
+    let mut ports = BTreeSet::new();
+    for rule in items.iter().filter_map(|item| item.get("rule")) {
+        let family = rule["family"].as_str().unwrap_or_default();
+        if family != "ip" && family != "inet" {
+            continue;
+        }
+        let expressions = rule["expr"].as_array().cloned().unwrap_or_default();
+        if !expressions.iter().any(is_destination_nat) {
+            continue;
+        }
+        let udp_only = expressions.iter().any(matches_udp_protocol);
+        for expression in &expressions {
+            let Some(matching) = expression.get("match") else {
+                continue;
+            };
+            let op = matching["op"].as_str().unwrap_or("==");
+            if op != "==" && op != "in" {
+                continue;
+            }
+            let payload = &matching["left"]["payload"];
+            let protocol = payload["protocol"].as_str().unwrap_or_default();
+            let is_udp_dport = payload["field"].as_str() == Some("dport")
+                && (protocol == "udp" || (protocol == "th" && udp_only));
+            if is_udp_dport {
+                let right = &matching["right"];
+                match right.as_str().and_then(|name| name.strip_prefix('@')) {
+                    Some(name) => {
+                        for elements in named_set(&items, rule, name) {
+                            add_ports(elements, &mut ports);
+                        }
+                    }
+                    None => add_ports(right, &mut ports),
+                }
+            }
+        }
+    }
+    Ok(ports)
+}
+
+/// `dnat`, or an iptables-nft `DNAT` target.
+fn is_destination_nat(expression: &Value) -> bool {
+    expression.get("dnat").is_some()
+        || expression["xt"]["name"]
+            .as_str()
+            .is_some_and(|name| name.eq_ignore_ascii_case("dnat"))
+}
+
+/// `meta l4proto udp` (or `ip protocol udp`).
+fn matches_udp_protocol(expression: &Value) -> bool {
+    let matching = &expression["match"];
+    let left = &matching["left"];
+    let protocol_key = left["meta"]["key"].as_str() == Some("l4proto")
+        || left["payload"]["field"].as_str() == Some("protocol");
+    protocol_key && matching["op"].as_str().unwrap_or("==") == "==" && {
+        let right = &matching["right"];
+        right.as_str() == Some("udp") || right.as_u64() == Some(17)
+    }
+}
+
+/// The elements of the named set `name` in the rule's table.
+fn named_set<'a>(items: &[&'a Value], rule: &Value, name: &str) -> Vec<&'a Value> {
+    items
+        .iter()
+        .filter_map(|item| item.get("set"))
+        .filter(|set| {
+            set["name"].as_str() == Some(name)
+                && set["table"] == rule["table"]
+                && set["family"] == rule["family"]
+        })
+        .filter_map(|set| set.get("elem"))
+        .collect()
+}
+
+/// Adds the ports a match's right-hand side names: a number, `{"range": [a, b]}`, an
+/// anonymous `{"set": [...]}` or a named set's `elem` list of those.
+fn add_ports(right: &Value, ports: &mut BTreeSet<u16>) {
+    if let Some(port) = right.as_u64().and_then(|p| u16::try_from(p).ok()) {
+        ports.insert(port);
+    } else if let Some([low, high]) = right["range"].as_array().map(Vec::as_slice) {
+        let bound = |v: &Value| v.as_u64().and_then(|p| u16::try_from(p).ok());
+        if let (Some(low), Some(high)) = (bound(low), bound(high)) {
+            ports.extend(low..=high);
+        }
+    } else if let Some(elements) = right
+        .get("set")
+        .and_then(Value::as_array)
+        .or(right.as_array())
+    {
+        for element in elements {
+            // A named set's element may be wrapped: {"elem": {"val": 53, ...}}.
+            match element.get("elem") {
+                Some(wrapped) => add_ports(&wrapped["val"], ports),
+                None => add_ports(element, ports),
+            }
+        }
+    }
 }
 
 /// `masquerade` or `snat` when the expression is one (native, or an iptables-nft target).
@@ -201,5 +356,71 @@ mod tests {
         let none = source_nat_on_uplinks(r#"{"nftables": []}"#, &["wan1".into()]).unwrap();
         assert!(none.is_empty());
         assert!(source_nat_on_uplinks("not json", &["wan1".into()]).is_err());
+    }
+
+    fn udp_dport(right: &str) -> String {
+        format!(
+            r#"{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "udp", "field": "dport"}}}}, "right": {right}}}}}"#
+        )
+    }
+
+    #[test]
+    fn finds_the_udp_ports_that_dnat_forwards() {
+        let dnat = r#"{"dnat": {"addr": "198.18.0.11", "port": 9000}}"#;
+        let th_dport = r#"{"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 5353}}"#;
+        let l4proto_udp =
+            r#"{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}}"#;
+        let tcp_dport = r#"{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}}"#;
+        let rules = [
+            rule(1, &format!("{},{dnat}", udp_dport("5060"))),
+            rule(
+                2,
+                &format!("{},{dnat}", udp_dport(r#"{"range": [6000, 6002]}"#)),
+            ),
+            rule(
+                3,
+                &format!(
+                    "{},{dnat}",
+                    udp_dport(r#"{"set": [7000, {"range": [7100, 7101]}]}"#)
+                ),
+            ),
+            rule(4, &format!("{l4proto_udp},{th_dport},{dnat}")),
+            rule(5, &format!("{},{dnat}", udp_dport(r#""@forwards""#))),
+            rule(
+                6,
+                &format!(
+                    "{},{}",
+                    udp_dport("8000"),
+                    r#"{"xt": {"type": "target", "name": "DNAT"}}"#
+                ),
+            ),
+            // Not forwards: TCP only, `th dport` without UDP, no DNAT, a negated port.
+            rule(7, &format!("{tcp_dport},{dnat}")),
+            rule(8, &format!("{th_dport},{dnat}").replace("5353", "5400")),
+            rule(9, &format!("{},{{\"accept\": null}}", udp_dport("9999"))),
+            rule(
+                10,
+                &format!("{},{dnat}", udp_dport("53").replace("==", "!=")),
+            ),
+        ];
+        let named = r#"{"set": {"family": "ip", "table": "nat", "name": "forwards", "type": "inet_service", "elem": [4000, {"range": [4010, 4011]}, {"elem": {"val": 4020, "comment": "x"}}]}}"#;
+        let other_table = r#"{"set": {"family": "ip", "table": "filter", "name": "forwards", "type": "inet_service", "elem": [4444]}}"#;
+        let ruleset = format!(
+            r#"{{"nftables": [{{"metainfo": {{}}}}, {named}, {other_table}, {}]}}"#,
+            rules.join(",")
+        );
+        let found: Vec<u16> = forwarded_udp_ports(&ruleset).unwrap().into_iter().collect();
+        assert_eq!(
+            found,
+            [
+                4000, 4010, 4011, 4020, 5060, 5353, 6000, 6001, 6002, 7000, 7100, 7101, 8000
+            ]
+        );
+        assert!(
+            forwarded_udp_ports(r#"{"nftables": []}"#)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(forwarded_udp_ports("not json").is_err());
     }
 }

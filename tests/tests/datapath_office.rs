@@ -257,7 +257,8 @@ fn inbound_connections_answer_by_the_uplink_they_came_in_on() -> anyhow::Result<
     assert_eq!(dp.run(LAN, &ack, 0)?.mark, uplink_mark);
     assert_eq!(dp.reason(PASS_INBOUND_REPLY)?, 2);
 
-    // UDP to a service port is recorded too; the reply goes back the same way.
+    // UDP to a port the host forwards is recorded too; the reply goes back the same way.
+    dp.forward_udp_port(5060)?;
     let datagram = Packet::udp((SERVER, 5060), (uplink_addr(2), 5060)).bytes();
     dp.run(INGRESS, &datagram, 0)?;
     let reply = Packet::udp((CLIENT, 5060), (SERVER, 5060)).bytes();
@@ -282,7 +283,8 @@ fn inbound_connections_answer_by_the_uplink_they_came_in_on() -> anyhow::Result<
     );
 
     // Not recorded: a SYN-ACK (an answer to the gateway's own connect), UDP to an ephemeral
-    // port (a reply to the gateway's own socket) or to another address.
+    // port (a reply to the gateway's own socket), to a port not forwarded (unsolicited, maybe
+    // spoofed) or to another address.
     let inbound_before = dp.inbound()?.len();
     for (name, packet) in [
         (
@@ -292,6 +294,10 @@ fn inbound_connections_answer_by_the_uplink_they_came_in_on() -> anyhow::Result<
         (
             "udp to an ephemeral port",
             Packet::udp((SERVER, 53), (uplink_addr(2), 40_000)),
+        ),
+        (
+            "udp to a port not forwarded",
+            Packet::udp((SERVER, 53), (uplink_addr(2), 5061)),
         ),
         (
             "udp to another address",

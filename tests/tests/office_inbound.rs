@@ -1,14 +1,17 @@
 //! Inbound connections leave the way they came, in the lab: a port forward (nftables DNAT on
 //! the gateway to a LAN server) and a service of the gateway itself answer through every uplink,
 //! by the uplink each connection came in on; a forwarded download runs straight through a
-//! daemon restart. (Office destinations and untranslatable traffic are in `office.rs`.)
+//! daemon restart; a spoofed datagram to a port not forwarded hijacks no LAN client's flows. (Office destinations and untranslatable traffic are in `office.rs`.)
 //!
 //! Root only. Each test builds its own lab.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use balancer_tests::{lab::LabSpec, process::ChildGuard};
 use common::{office::*, transparent::*, *};
@@ -45,6 +48,8 @@ fn port_forwards_and_gateway_services_answer_through_every_uplink() {
          udp dport {FORWARDED} dnat to {client_addr}:{WHOAMI}\n }}\n}}\n"
     );
     nft(lab, &lab.gw(), &ruleset);
+    // UDP forwards are learnt from the ruleset every 30 s or at once on SIGHUP.
+    reread_forwards(&gw);
     lab.labtool_exec(
         &lab.inet(),
         &["wait-tcp", &format!("{client_addr}:{WHOAMI}")],
@@ -92,6 +97,66 @@ fn port_forwards_and_gateway_services_answer_through_every_uplink() {
         .tcp_whoami(&lab.client(2), None, Duration::from_secs(3))
         .unwrap();
     assert!(gw.uplink_sources().contains(seen.ip()));
+}
+
+/// A port the gateway does not forward, where a spoofer aims its datagrams.
+const NOT_FORWARDED: u16 = 5353;
+
+/// Someone spoofs the internet server's whoami endpoint (198.18.9.1:9000, as one would spoof
+/// 8.8.8.8:53) toward every uplink address, on a port the host does not forward. The LAN's own
+/// UDP exchanges with that endpoint must stay ordinary translated flows: taken for replies to
+/// an inbound exchange, they would leave untranslated with a private source and their ISP
+/// would drop them.
+#[test]
+fn a_spoofed_datagram_to_a_port_not_forwarded_hijacks_no_lan_flow() {
+    let gw = Gateway::up("ofs", |p| LabSpec::new(p, 3));
+    let lab = &gw.lab;
+    let server = balancer_tests::lab::SERVER_ADDR;
+    let inet = lab.inet();
+    for i in 1..=lab.uplinks() {
+        let uplink: Ipv4Addr = lab.uplink_source(i);
+        let out = lab
+            .labtool_exec(
+                &inet,
+                &[
+                    "raw-send",
+                    &uplink.to_string(),
+                    "--udp-from",
+                    &WHOAMI.to_string(),
+                    "--src",
+                    &server.to_string(),
+                    "--dst-port",
+                    &NOT_FORWARDED.to_string(),
+                    "--count",
+                    "3",
+                ],
+            )
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for n in 0..10 {
+        let client = lab.client(1 + n % 2);
+        let seen =
+            whoami(lab, &client, true, SocketAddrV4::new(server, WHOAMI)).unwrap_or_else(|e| {
+                panic!(
+                    "the LAN's UDP exchange {n} with {server}:{WHOAMI} after the spoof: {e}\n{}",
+                    gw.diagnostics()
+                )
+            });
+        assert!(
+            gw.uplink_sources().contains(seen.ip()),
+            "the server saw {seen}, not an uplink address"
+        );
+    }
+    assert_eq!(
+        reason(lab, "pass_inbound_reply"),
+        0,
+        "a LAN datagram was taken for a reply to the spoofer"
+    );
 }
 
 /// A download from a LAN server through a port forward on uplink 2 runs straight through a

@@ -409,7 +409,7 @@ fn read_error(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
     }
 }
 
-fn write_error(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
+pub(super) fn write_error(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::WriteMap {
         map,
         source: Box::new(source),

@@ -9,6 +9,7 @@
 
 pub mod bpffs;
 pub mod desired;
+mod forwards;
 mod maps;
 pub mod pins;
 mod renumber;
@@ -169,6 +170,8 @@ pub struct Dataplane {
     orphans_seen: [HashSet<ReverseKey>; 2],
     /// Flows without their reverse half at the last sweep, main table and pending table.
     lone_flows_seen: [HashSet<FlowKey>; 2],
+    /// The forwarded UDP ports last written; an unchanged set writes nothing.
+    forwarded_udp_written: Option<BTreeSet<u16>>,
 }
 
 /// Every program in the object, in the order they are loaded.
@@ -181,12 +184,13 @@ const PROGRAMS: [&str; 5] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 16] = [
+const PINNED_MAPS: [&str; 17] = [
     names::FLOWS,
     names::MAPPINGS,
     names::PENDING_FLOWS,
     names::PENDING_REVERSE,
     names::INBOUND,
+    names::FORWARDED_UDP_PORTS,
     names::NAT_REVERSE,
     names::UPLINKS,
     names::UPLINK_BY_IFINDEX,
@@ -265,6 +269,7 @@ impl Dataplane {
             written: None,
             orphans_seen: Default::default(),
             lone_flows_seen: Default::default(),
+            forwarded_udp_written: None,
         })
     }
 

@@ -41,6 +41,25 @@ pub fn nft(lab: &Lab, ns: &str, ruleset: &str) {
         .unwrap();
 }
 
+/// Makes the daemon read the host's ruleset again at once (SIGHUP) after the test changed its
+/// port forwards, and waits for the pass that applies it.
+pub fn reread_forwards(gw: &transparent::Gateway) {
+    let daemon = gw.daemon.as_ref().expect("the gateway's daemon runs");
+    let before = field::status(&gw.lab)["last_reload"].clone();
+    balancer_tests::process::signal(daemon.pid(), nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while field::status(&gw.lab)["last_reload"] == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload reported:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Let the pass that follows the reload run.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+}
+
 /// A reason counter of `balancer stats --json`.
 pub fn reason(lab: &Lab, name: &str) -> u64 {
     stats(lab).0["reasons"][name].as_u64().unwrap_or(0)

@@ -14,9 +14,9 @@ use aya::{
 use balancer_common::{
     flow::{FlowEntry, FlowKey, InboundEntry, InboundKey, ReverseEntry, ReverseKey},
     maps::{
-        DESTINATIONS, FLOWS, INBOUND, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE,
-        PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS, REASONS, SCHEDULE,
-        SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
+        DESTINATIONS, FLOWS, FORWARDED_UDP_PORTS, INBOUND, NAT_REVERSE, PENDING_FLOWS,
+        PENDING_REVERSE, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS,
+        REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
     },
     policy::smooth_weighted_schedule,
     stats::UPLINK_COUNTER_FIELDS,
@@ -157,6 +157,14 @@ impl Datapath {
     pub fn set_settings(&mut self, settings: Settings) -> anyhow::Result<()> {
         let mut map: Array<&mut MapData, Settings> = self.map_mut(SETTINGS)?.try_into()?;
         map.set(0, settings, 0)?;
+        Ok(())
+    }
+
+    /// Marks UDP `port` as forwarded by the host's firewall, as the daemon does from nft.
+    pub fn forward_udp_port(&mut self, port: u16) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, u16, u8> =
+            self.map_mut(FORWARDED_UDP_PORTS)?.try_into()?;
+        map.insert(port.to_be(), 1, 0)?;
         Ok(())
     }
 

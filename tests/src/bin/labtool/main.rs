@@ -185,7 +185,8 @@ enum Cmd {
         timeout_ms: u64,
     },
     /// Send packets no ordinary socket sends: `--protocol N` (a raw IPv4 packet of that
-    /// protocol), `--stray-tcp` (an ACK of no connection to --dst-port), or `--dhcp IFACE` (UDP
+    /// protocol), `--stray-tcp` (an ACK of no connection to --dst-port), `--udp-from PORT` (a
+    /// UDP datagram from PORT to --dst-port, even if a socket holds PORT), or `--dhcp IFACE` (UDP
     /// 0.0.0.0:68 -> 255.255.255.255:67 in a broadcast frame); prints `sent N`.
     RawSend {
         /// Destination (ignored with --dhcp).
@@ -195,6 +196,11 @@ enum Cmd {
         protocol: Option<u8>,
         #[arg(long, conflicts_with = "dhcp")]
         stray_tcp: bool,
+        #[arg(long, conflicts_with_all = ["protocol", "stray_tcp", "dhcp"])]
+        udp_from: Option<u16>,
+        /// Source address of `--udp-from` (default: the route's).
+        #[arg(long, default_value = "0.0.0.0", requires = "udp_from")]
+        src: Ipv4Addr,
         #[arg(long, default_value_t = 9000)]
         dst_port: u16,
         #[arg(long)]
@@ -395,18 +401,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dst,
             protocol,
             stray_tcp,
+            udp_from,
+            src,
             dst_port,
             dhcp,
             count,
         } => {
-            let kind = match (protocol, stray_tcp, dhcp) {
-                (Some(protocol), false, None) => raw::RawKind::Protocol(protocol),
-                (None, true, None) => raw::RawKind::StrayTcp {
+            let kind = match (protocol, stray_tcp, udp_from, dhcp) {
+                (Some(protocol), false, None, None) => raw::RawKind::Protocol(protocol),
+                (None, true, None, None) => raw::RawKind::StrayTcp {
                     src_port: 40_404,
                     dst_port,
                 },
-                (None, false, Some(interface)) => raw::RawKind::DhcpBroadcast { interface },
-                _ => bail!("give exactly one of --protocol, --stray-tcp, --dhcp"),
+                (None, false, Some(src_port), None) => raw::RawKind::UdpFrom {
+                    src,
+                    src_port,
+                    dst_port,
+                },
+                (None, false, None, Some(interface)) => raw::RawKind::DhcpBroadcast { interface },
+                _ => bail!("give exactly one of --protocol, --stray-tcp, --udp-from, --dhcp"),
             };
             raw::raw_send(&kind, dst, bounded_count(count)?)
         }

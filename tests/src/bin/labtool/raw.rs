@@ -1,6 +1,7 @@
 //! `raw-send`: packets no ordinary socket sends, for the tests of traffic the data plane must
 //! not translate: another IP protocol or a stray TCP segment (a raw IPv4 socket; the kernel
-//! writes the IP header with the host's own source), or a DHCP-like broadcast from 0.0.0.0
+//! writes the IP header with the host's own source), an unsolicited UDP datagram from a port of
+//! our choosing, or a DHCP-like broadcast from 0.0.0.0
 //! (a whole Ethernet frame on a packet socket, as a DHCP client sends before it has an address).
 
 use std::{
@@ -18,6 +19,14 @@ pub(crate) enum RawKind {
     Protocol(u8),
     /// A TCP segment with ACK set from `src_port` to `dst_port`, of no connection.
     StrayTcp { src_port: u16, dst_port: u16 },
+    /// An unsolicited UDP datagram from `src` (the route's choice if unspecified) and
+    /// `src_port` to `dst_port` (checksum 0, "none"), sent even while a socket of this host
+    /// holds `src_port`: what a spoofer sends.
+    UdpFrom {
+        src: Ipv4Addr,
+        src_port: u16,
+        dst_port: u16,
+    },
     /// UDP 0.0.0.0:68 -> 255.255.255.255:67 in a broadcast Ethernet frame on `interface`.
     DhcpBroadcast { interface: String },
 }
@@ -48,6 +57,23 @@ pub(crate) fn raw_send(kind: &RawKind, dst: Ipv4Addr, count: u32) -> anyhow::Res
                 thread::sleep(GAP);
             }
         }
+        RawKind::UdpFrom {
+            src,
+            src_port,
+            dst_port,
+        } => {
+            let socket = ip_socket(libc::IPPROTO_UDP)?;
+            bind_ip(&socket, *src)?;
+            let mut datagram = [0u8; 12];
+            datagram[0..2].copy_from_slice(&src_port.to_be_bytes());
+            datagram[2..4].copy_from_slice(&dst_port.to_be_bytes());
+            datagram[4..6].copy_from_slice(&12u16.to_be_bytes());
+            datagram[8..12].copy_from_slice(b"spof");
+            for _ in 0..count {
+                send_ip(&socket, dst, &datagram)?;
+                thread::sleep(GAP);
+            }
+        }
         RawKind::DhcpBroadcast { interface } => {
             let frame = dhcp_frame(interface)?;
             let socket = packet_socket()?;
@@ -72,6 +98,30 @@ fn ip_socket(protocol: i32) -> anyhow::Result<OwnedFd> {
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes the kernel write `src` as the source of what `socket` sends.
+fn bind_ip(socket: &OwnedFd, src: Ipv4Addr) -> anyhow::Result<()> {
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(src).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `address` is valid for the length given.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const address).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if bound < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("binding to {src}"));
+    }
+    Ok(())
 }
 
 fn send_ip(socket: &OwnedFd, dst: Ipv4Addr, payload: &[u8]) -> anyhow::Result<()> {
