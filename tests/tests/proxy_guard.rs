@@ -212,20 +212,25 @@ fn office_networks_and_low_ports_are_refused_and_allow_opens_one() {
     // and counted; the ones within it are served.
     gw.stop();
     gw.start("listen = \"198.18.0.1:3128\"\nmax_client_connections = 5");
-    let answers: Vec<(String, bool)> = in_namespace(&gw.lab.client(1), || {
-        let streams: Vec<TcpStream> = (0..8)
+    let streams: Vec<TcpStream> = in_namespace(&gw.lab.client(1), || {
+        (0..8)
             .map(|_| TcpStream::connect("198.18.0.1:3128").unwrap())
-            .collect();
-        streams
-            .into_iter()
-            .map(|mut stream| {
-                let _ = stream.write_all(
-                    b"GET http://198.18.9.1:8080/ HTTP/1.1\r\nHost: 198.18.9.1:8080\r\nConnection: close\r\n\r\n",
-                );
-                read_until_closed(&mut stream, Duration::from_secs(3))
-            })
             .collect()
     });
+    // Admission is decided at accept: let the proxy take all eight from the kernel's queue
+    // before a served request frees a slot (else a late accept fits in that slot).
+    wait_until(Duration::from_secs(5), || {
+        gw.status()["proxy"]["over_limit"].as_u64() == Some(3)
+    });
+    let answers: Vec<(String, bool)> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let _ = stream.write_all(
+                b"GET http://198.18.9.1:8080/ HTTP/1.1\r\nHost: 198.18.9.1:8080\r\nConnection: close\r\n\r\n",
+            );
+            read_until_closed(&mut stream, Duration::from_secs(3))
+        })
+        .collect();
     let served = answers
         .iter()
         .filter(|(answer, _)| answer.starts_with("HTTP/1.1 200"))
