@@ -24,6 +24,47 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The key of a flow; all values network order, as in the packet.
+    #[inline(always)]
+    pub fn new(
+        client_addr: u32,
+        remote_addr: u32,
+        client_port: u16,
+        remote_port: u16,
+        protocol: u8,
+    ) -> Self {
+        let [ports, proto] = ports_and_protocol(client_port, remote_port, protocol);
+        Self::from_words([client_addr, remote_addr, ports, proto])
+    }
+
+    #[inline(always)]
+    fn from_words(words: [u32; 4]) -> Self {
+        // SAFETY: `FlowKey` is `repr(C)`, 16 bytes, 4-aligned (asserted below), made of
+        // integers only, so every bit pattern of four u32 words is a valid key.
+        unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
+    }
+}
+
+/// The last two words of a [`FlowKey`] or [`ReverseKey`]: both ports, then the protocol with
+/// its padding zero. Keys are built from words because the BPF target turns the three-byte
+/// zero fill of `_pad` into a call of `memset`: a bpf-to-bpf call, whose return costs as much
+/// as a helper call on hosts with return-thunk mitigations, on every packet.
+#[inline(always)]
+fn ports_and_protocol(first_port: u16, second_port: u16, protocol: u8) -> [u32; 2] {
+    let [a, b] = first_port.to_ne_bytes();
+    let [c, d] = second_port.to_ne_bytes();
+    [
+        u32::from_ne_bytes([a, b, c, d]),
+        u32::from_ne_bytes([protocol, 0, 0, 0]),
+    ]
+}
+
+const _: () =
+    assert!(core::mem::size_of::<FlowKey>() == 16 && core::mem::align_of::<FlowKey>() == 4);
+const _: () =
+    assert!(core::mem::size_of::<ReverseKey>() == 16 && core::mem::align_of::<ReverseKey>() == 4);
+
 /// A reply as it arrives on an uplink, before reverse NAT. Key of `NAT_REVERSE`, whose value
 /// is a [`ReverseEntry`].
 ///
@@ -41,6 +82,23 @@ pub struct ReverseKey {
     pub remote_port: u16,
     pub protocol: u8,
     pub _pad: [u8; 3],
+}
+
+impl ReverseKey {
+    /// The key of a reply; all values network order, as in the packet.
+    #[inline(always)]
+    pub fn new(
+        uplink_addr: u32,
+        remote_addr: u32,
+        nat_port: u16,
+        remote_port: u16,
+        protocol: u8,
+    ) -> Self {
+        let [ports, proto] = ports_and_protocol(nat_port, remote_port, protocol);
+        // SAFETY: `ReverseKey` is `repr(C)`, 16 bytes, 4-aligned (asserted above), made of
+        // integers only, so every bit pattern of four u32 words is a valid key.
+        unsafe { core::mem::transmute::<[u32; 4], Self>([uplink_addr, remote_addr, ports, proto]) }
+    }
 }
 
 /// Value of `NAT_REVERSE`: the flow a reply belongs to, and what translating an ordinary reply
@@ -257,4 +315,41 @@ mod pod {
     unsafe impl aya::Pod for super::MappingKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MappingEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_built_from_words_equal_keys_built_from_fields() {
+        let (a, b, p, q) = (
+            0x0a00_0005_u32.to_be(),
+            0xcb00_710a_u32.to_be(),
+            40_000_u16.to_be(),
+            443_u16.to_be(),
+        );
+        assert_eq!(
+            FlowKey::new(a, b, p, q, PROTOCOL_TCP),
+            FlowKey {
+                client_addr: a,
+                remote_addr: b,
+                client_port: p,
+                remote_port: q,
+                protocol: PROTOCOL_TCP,
+                _pad: [0; 3],
+            }
+        );
+        assert_eq!(
+            ReverseKey::new(a, b, p, q, PROTOCOL_UDP),
+            ReverseKey {
+                uplink_addr: a,
+                remote_addr: b,
+                nat_port: p,
+                remote_port: q,
+                protocol: PROTOCOL_UDP,
+                _pad: [0; 3],
+            }
+        );
+    }
 }

@@ -51,3 +51,5 @@ pub const PROGRAM_UPLINK_INGRESS_RAW_IP: &str = "uplink_ingress_raw_ip";
 /// Reference programs `cargo xtask bench` measures beside ours; never loaded by the daemon.
 pub const PROGRAM_REFERENCE_EMPTY: &str = "reference_empty";
 pub const PROGRAM_REFERENCE_NAIVE_SNAT: &str = "reference_naive_snat";
+pub const PROGRAM_REFERENCE_FLOW_LOOKUP: &str = "reference_flow_lookup";
+pub const PROGRAM_REFERENCE_HELPER_CALL: &str = "reference_helper_call";

@@ -82,14 +82,13 @@ pub enum Found {
 /// The reverse key of `entry` (flow `key`): the reply's view of the flow.
 #[inline(always)]
 pub fn reverse_key(key: &FlowKey, uplink_addr: u32, nat_port: u16) -> ReverseKey {
-    ReverseKey {
+    ReverseKey::new(
         uplink_addr,
-        remote_addr: key.remote_addr,
+        key.remote_addr,
         nat_port,
-        remote_port: key.remote_port,
-        protocol: key.protocol,
-        _pad: [0; 3],
-    }
+        key.remote_port,
+        key.protocol,
+    )
 }
 
 /// Looks `key` up and decides whether the flow is still good. A flow is released lazily when

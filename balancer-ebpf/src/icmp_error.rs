@@ -22,12 +22,12 @@ use balancer_common::{
 };
 
 use crate::{
+    flow,
     headers::{
         ICMP_CHECK_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HDR_LEN,
         ICMP_ID_OFF, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPV4_MIN_LEN, Ipv4Hdr,
         QUOTED_L4_MIN, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
-    flow,
     nat::{Side, csum_replace2, csum_replace4, store_ip_addr},
     parse::Ipv4,
 };
@@ -190,14 +190,13 @@ pub fn client_flow(ctx: &TcContext, ip: &Ipv4) -> Result<(Quoted, FlowEntry), u3
     if (echo && q.icmp_type != ICMP_ECHO_REPLY) || q.dst != ip.src {
         return Err(PASS_ICMP_ERROR_UNMATCHED);
     }
-    let key = FlowKey {
-        client_addr: q.dst,
-        remote_addr: q.src,
-        client_port: q.dst_port,
-        remote_port: if echo { 0 } else { q.src_port },
-        protocol: q.protocol,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(
+        q.dst,
+        q.src,
+        q.dst_port,
+        if echo { 0 } else { q.src_port },
+        q.protocol,
+    );
     let entry = flow::lookup(&key).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
     // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
     let entry = unsafe { *entry };
@@ -216,14 +215,13 @@ pub fn remote_flow(ctx: &TcContext, ip: &Ipv4) -> Result<(Quoted, FlowKey, u32),
     if (echo && q.icmp_type != ICMP_ECHO_REQUEST) || q.src != ip.dst {
         return Err(PASS_ICMP_ERROR_UNMATCHED);
     }
-    let reverse = ReverseKey {
-        uplink_addr: q.src,
-        remote_addr: q.dst,
-        nat_port: q.src_port,
-        remote_port: if echo { 0 } else { q.dst_port },
-        protocol: q.protocol,
-        _pad: [0; 3],
-    };
+    let reverse = ReverseKey::new(
+        q.src,
+        q.dst,
+        q.src_port,
+        if echo { 0 } else { q.dst_port },
+        q.protocol,
+    );
     let key = flow::lookup_reverse(&reverse).ok_or(PASS_ICMP_ERROR_UNMATCHED)?;
     // SAFETY: a successful lookup returns a pointer to the value; copied out at once, since
     // LRU entries may be reused under us.

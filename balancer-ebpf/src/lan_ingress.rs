@@ -65,18 +65,17 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
     if protocol == PROTOCOL_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST {
         return Err(PASS_ICMP_OTHER);
     }
-    let key = FlowKey {
-        client_addr: packet.ip.src,
-        remote_addr: packet.ip.dst,
-        client_port: packet.src_port,
-        remote_port: if protocol == PROTOCOL_ICMP {
+    let key = FlowKey::new(
+        packet.ip.src,
+        packet.ip.dst,
+        packet.src_port,
+        if protocol == PROTOCOL_ICMP {
             0
         } else {
             packet.dst_port
         },
         protocol,
-        _pad: [0; 3],
-    };
+    );
     let settings = SETTINGS.get(0).ok_or(PASS_NO_UPLINK)?;
     // The coarse clock (same monotonic base, tick resolution) is plenty for timeouts of
     // seconds and costs a fraction of the precise one on every packet.
@@ -199,15 +198,7 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
     )?;
     // A forced destination (a modem's admin page) says nothing about the endpoint's mapping.
     if let (Some(endpoint), None) = (&endpoint, forced) {
-        mapping::record(
-            endpoint,
-            &key,
-            mapped,
-            id,
-            uplink.generation,
-            nat_port,
-            now,
-        );
+        mapping::record(endpoint, &key, mapped, id, uplink.generation, nat_port, now);
     }
     fragments::remember(&packet.ip, uplink.source_addr, mark, id as u8);
     set_mark(ctx, mark);

@@ -70,6 +70,20 @@ pub fn reference_empty(_ctx: TcContext) -> i32 {
     verdict::PASS
 }
 
+/// Bench reference: parse and find the packet's flow, then mark it (`reference`).
+#[classifier]
+pub fn reference_flow_lookup(ctx: TcContext) -> i32 {
+    let _ = reference::flow_lookup(&ctx);
+    verdict::PASS
+}
+
+/// Bench reference: one helper call, the coarse clock (`reference`).
+#[classifier]
+pub fn reference_helper_call(ctx: TcContext) -> i32 {
+    reference::helper_call(&ctx);
+    verdict::PASS
+}
+
 /// Bench reference: source NAT with one helper per field (`reference`).
 #[classifier]
 pub fn reference_naive_snat(ctx: TcContext) -> i32 {

@@ -2,7 +2,7 @@
 //! every checksum kept right.
 //!
 //! - The IPv4 header checksum is never offloaded, so it is updated here (RFC 1624) and written
-//!   with the addresses in one store: checksum, source and destination are contiguous.
+//!   with the addresses, which follow it.
 //! - The L4 checksum goes through `bpf_l4_csum_replace`, which knows the skb's checksum state:
 //!   under CHECKSUM_PARTIAL (veth, local senders) the field holds only the pseudo-header sum, so
 //!   an address change (`BPF_F_PSEUDO_HDR`) must update it and a port change must not; under
@@ -68,11 +68,11 @@ pub fn store_ip_addr(
         Side::Destination => (dst, src, addr),
     };
     let check = csum_replace4(check, old, addr);
-    let mut bytes = [0u8; 10];
-    bytes[..2].copy_from_slice(&check.to_ne_bytes());
-    bytes[2..6].copy_from_slice(&src.to_ne_bytes());
-    bytes[6..].copy_from_slice(&dst.to_ne_bytes());
-    write_at(ctx, ip_off + IP_CHECK_FIELD, bytes)?;
+    // Three scalar writes, not one of a 10-byte array: the BPF target copies an array with a
+    // call of `memmove`, a bpf-to-bpf call per packet.
+    write_at(ctx, ip_off + IP_CHECK_FIELD, check)?;
+    write_at(ctx, ip_off + IP_CHECK_FIELD + 2, src)?;
+    write_at(ctx, ip_off + IP_CHECK_FIELD + 6, dst)?;
     Ok(check)
 }
 

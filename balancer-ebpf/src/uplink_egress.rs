@@ -13,10 +13,9 @@ use balancer_common::{
 };
 
 use crate::{
-    fragments,
+    flow, fragments,
     headers::ICMP_ECHO_REQUEST,
     icmp_error,
-    flow,
     maps::{UPLINK_BY_IFINDEX, UPLINKS, bump_uplink},
     mss,
     nat::{Side, rewrite},
@@ -93,18 +92,17 @@ fn translate<const L2: usize>(ctx: &TcContext, ifindex: u32) -> Result<Option<u3
     if protocol == PROTOCOL_ICMP && packet.icmp_type != ICMP_ECHO_REQUEST {
         return Err(PASS_ICMP_OTHER);
     }
-    let key = FlowKey {
-        client_addr: packet.ip.src,
-        remote_addr: packet.ip.dst,
-        client_port: packet.src_port,
-        remote_port: if protocol == PROTOCOL_ICMP {
+    let key = FlowKey::new(
+        packet.ip.src,
+        packet.ip.dst,
+        packet.src_port,
+        if protocol == PROTOCOL_ICMP {
             0
         } else {
             packet.dst_port
         },
         protocol,
-        _pad: [0; 3],
-    };
+    );
     let entry = flow::lookup(&key).ok_or(PASS_NOT_TRANSLATED)?;
     // SAFETY: a successful lookup returns a pointer to the value; fields are copied out.
     let (uplink_id, uplink_addr, nat_port, mark) = unsafe {

@@ -18,11 +18,10 @@ use balancer_common::{
 };
 
 use crate::{
-    fragments,
+    flow, fragments,
     headers::ICMP_ECHO_REPLY,
     icmp_error, inbound,
     lan_ingress::set_mark,
-    flow,
     maps::{NAT_REVERSE, UPLINK_BY_IFINDEX, bump_uplink},
     nat::{Side, rewrite},
     own_socket,
@@ -88,18 +87,17 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
     if protocol == PROTOCOL_ICMP && packet.icmp_type != ICMP_ECHO_REPLY {
         return Err(PASS_ICMP_OTHER);
     }
-    let reverse = ReverseKey {
-        uplink_addr: packet.ip.dst,
-        remote_addr: packet.ip.src,
-        nat_port: packet.dst_port,
-        remote_port: if protocol == PROTOCOL_ICMP {
+    let reverse = ReverseKey::new(
+        packet.ip.dst,
+        packet.ip.src,
+        packet.dst_port,
+        if protocol == PROTOCOL_ICMP {
             0
         } else {
             packet.src_port
         },
         protocol,
-        _pad: [0; 3],
-    };
+    );
     // An answered flow's reply: one lookup. Otherwise maybe the first answer of a pending
     // flow, which moves it into the main table.
     let found = match NAT_REVERSE.get_ptr_mut(&reverse) {

@@ -20,6 +20,8 @@ use balancer_common::{
     maps::{
         DESTINATIONS, FLOWS, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE,
         PROGRAM_LAN_INGRESS as LAN, PROGRAM_REFERENCE_EMPTY as REFERENCE_EMPTY,
+        PROGRAM_REFERENCE_FLOW_LOOKUP as REFERENCE_FLOW_LOOKUP,
+        PROGRAM_REFERENCE_HELPER_CALL as REFERENCE_HELPER_CALL,
         PROGRAM_REFERENCE_NAIVE_SNAT as REFERENCE_NAIVE_SNAT, PROGRAM_UPLINK_EGRESS as EGRESS,
         PROGRAM_UPLINK_INGRESS as INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS,
         UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
@@ -152,6 +154,33 @@ pub fn measure(object: &Path, repeat: u32) -> anyhow::Result<Vec<Cost>> {
         program: REFERENCE_NAIVE_SNAT,
         ns: Some(nanos(run.duration)),
         note: "what the 100 ns target was set against".into(),
+    });
+
+    // What no established-flow path can avoid, on the same frame: finding the flow, and one
+    // helper call. On this kind of host they are most of each row above.
+    let run = dp.run(REFERENCE_FLOW_LOOKUP, &ack, 0, repeat)?;
+    ensure!(
+        run.mark == MARK1,
+        "flow lookup reference: the flow was not found (mark {:#x})",
+        run.mark
+    );
+    costs.push(Cost {
+        name: "reference: parse + one flow lookup + mark",
+        program: REFERENCE_FLOW_LOOKUP,
+        ns: Some(nanos(run.duration)),
+        note: "the least an established flow's packet costs here".into(),
+    });
+    let run = dp.run(REFERENCE_HELPER_CALL, &ack, 0, repeat)?;
+    ensure!(
+        run.mark == MARK1,
+        "helper call reference: no mark (mark {:#x})",
+        run.mark
+    );
+    costs.push(Cost {
+        name: "reference: empty program + one helper call (coarse clock)",
+        program: REFERENCE_HELPER_CALL,
+        ns: Some(nanos(run.duration)),
+        note: "minus the empty row: what one kernel call costs here".into(),
     });
 
     // Reverse NAT: the same trick with a mirror reverse entry for the restored tuple.
@@ -290,7 +319,15 @@ impl Datapath {
             .map_max_entries(PENDING_REVERSE, FLOW_ENTRIES)
             .load_file(object)
             .with_context(|| format!("parsing {}", object.display()))?;
-        for name in [LAN, EGRESS, INGRESS, REFERENCE_EMPTY, REFERENCE_NAIVE_SNAT] {
+        for name in [
+            LAN,
+            EGRESS,
+            INGRESS,
+            REFERENCE_EMPTY,
+            REFERENCE_NAIVE_SNAT,
+            REFERENCE_FLOW_LOOKUP,
+            REFERENCE_HELPER_CALL,
+        ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?

@@ -390,12 +390,13 @@ impl Results {
         let _ = writeln!(s, "```sh\n{}\n```\n", self.command);
         let _ = writeln!(
             s,
-            "Date: {}. Machine: {}, {} vCPUs ({}), kernel {}. {} round(s), {} s per throughput measurement, {} connections per tcp-many process, {} repeats per BPF_PROG_TEST_RUN; the run took {:.0} s.\n",
+            "Date: {}. Machine: {}, {} vCPUs ({}), kernel {} (call mitigations: {}). {} round(s), {} s per throughput measurement, {} connections per tcp-many process, {} repeats per BPF_PROG_TEST_RUN; the run took {:.0} s.\n",
             date(),
             machine["kind"].as_str().unwrap_or("?"),
             machine["cpus"],
             machine["cpu_model"].as_str().unwrap_or("?"),
             machine["kernel"].as_str().unwrap_or("?"),
+            machine["call_mitigations"].as_str().unwrap_or("?"),
             self.params.rounds,
             self.params.seconds,
             self.params.connections,
@@ -453,12 +454,21 @@ impl Results {
              so that row mostly measures copies and scheduling, and per-packet costs hardly show in it. The UDP row \
              (64-byte datagrams, one packet each) is where they show.\n\
              - The new-connections row sends every connection to one server address and port, 20,000 per round \
-             by default: more than the 3 x 4,536 NAT ports ours has for one destination (61000-65535 per \
-             uplink). Ours keeps a closed connection's port for the closing timeout (60 s) while the range has \
-             room, and gives it to a new connection once 8 random tries found no free port and the old \
-             connection has been over (reset, or closed by both ends) for 0.5 s. Before that (up to \
-             2026-11-26) a port was held the whole 60 s and sustained new connections to one destination fell \
-             to 120-550 per second with `drop_nat_exhausted`, while nftables held 4,000-7,000.\n\
+             by default, fewer than the 3 x 32,768 NAT ports ours has for one destination (32768-65535 per \
+             uplink). When a range does run short, a closed connection's port goes to a new connection once 8 \
+             random tries found no free port and the old connection has been over (reset, or closed by both \
+             ends) for 0.5 s; before that rule (up to 2026-11-26) sustained new connections to one destination \
+             fell to 120-550 per second with `drop_nat_exhausted`, while nftables held 4,000-7,000.\n\
+             - What the per-packet rows are made of: the reference rows measure, in the same round, the empty \
+             program (the harness), our parser plus one `FLOWS` hit and the mark (the least any established \
+             packet costs), and one helper call (the coarse clock). On a host whose CPU mitigations make each \
+             kernel call and return dear (retpolines; AMD's \"safe RET\" return thunks, which also cover the \
+             JIT's bpf-to-bpf calls), those dominate: the naive SNAT, made of helper calls, took 155-173 ns \
+             where the 100 ns target was set and over 300 ns on such a host. Our established paths make no \
+             bpf-to-bpf call (keys are built from whole words; a three-byte zero fill or a ten-byte copy \
+             compiled to calls of `memset` and `memmove`, which cost 10-20 ns a packet until 2026-12-05) and \
+             one helper call per translation (`bpf_l4_csum_replace`, which alone knows the skb's checksum \
+             state), plus the clock on the LAN and reply sides.\n\
              - The clients and the internet host keep no TIME_WAIT state (`tcp_max_tw_buckets=0` in their \
              namespaces): otherwise the 20,000 connections of one round leave the clients' ephemeral ports mostly \
              in TIME_WAIT for 60 s, every connect() then searches long for a free port (1.3 ms each with 20,000 \
@@ -545,7 +555,23 @@ fn machine() -> serde_json::Value {
         "cpus": std::thread::available_parallelism().map_or(0, usize::from),
         "cpu_model": model,
         "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "call_mitigations": call_mitigations(&read),
     })
+}
+
+/// The CPU mitigations that make every call and return in the kernel (and the JIT's
+/// bpf-to-bpf calls) dearer, as the kernel reports them: they explain most of a per-packet
+/// row's difference between two hosts.
+fn call_mitigations(read: &dyn Fn(&str) -> String) -> String {
+    ["spectre_v2", "retbleed", "spec_rstack_overflow"]
+        .iter()
+        .filter_map(|name| {
+            let state = read(&format!("/sys/devices/system/cpu/vulnerabilities/{name}"));
+            let state = state.trim();
+            (!state.is_empty() && state != "Not affected").then(|| format!("{name}: {state}"))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
