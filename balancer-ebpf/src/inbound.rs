@@ -4,7 +4,7 @@
 //! each new one in `INBOUND` (a TCP SYN, or UDP to a port the host forwards); LAN ingress marks a LAN host's reply to such a connection for the
 //! same uplink without giving it a flow or a NAT port, and conntrack translates it back.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use balancer_common::{
     flow::{InboundEntry, InboundKey, PROTOCOL_TCP, PROTOCOL_UDP},
     policy::{TCP_ACK, TCP_SYN, inbound_timeout_ns, starts_inbound},
@@ -48,8 +48,7 @@ pub fn arrived(ctx: &TcContext, packet: &Packet) {
         _pad: 0,
     };
     let entry = InboundEntry {
-        // SAFETY: a plain helper call without arguments.
-        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        last_seen_ns: crate::clock::now_ns(),
         mark: uplink.mark,
         uplink_id: id as u8,
         _pad: [0; 3],

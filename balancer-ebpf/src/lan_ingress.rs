@@ -5,7 +5,7 @@
 //! out of the uplink they came in on (`inbound`); what cannot be translated and is headed for
 //! the internet is dropped (`untranslated`).
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use balancer_common::{
     counters::{COUNTER_BYTES, COUNTER_IPV4, COUNTER_PACKETS},
     flow::{FlowEntry, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, WSCALE_NONE},
@@ -21,6 +21,7 @@ use balancer_common::{
 };
 
 use crate::{
+    clock,
     flow::{self, Found},
     fragments,
     headers::{ETH_HDR_LEN, ICMP_ECHO_REQUEST},
@@ -78,9 +79,8 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
     );
     let settings = SETTINGS.get(0).ok_or(PASS_NO_UPLINK)?;
     // The coarse clock (same monotonic base, tick resolution) is plenty for timeouts of
-    // seconds and costs a fraction of the precise one on every packet.
-    // SAFETY: a plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // seconds, and read once per tick it costs an established packet no helper call.
+    let now = clock::now_ns();
     let seq_next = packet.seq.wrapping_add(packet.seq_len);
 
     let stale = match flow::find(&key, settings, now) {

@@ -5,7 +5,7 @@
 //! bytes untouched, marked for this uplink (`inbound`, which also records new inbound
 //! connections so the LAN side's replies leave the way they came).
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use balancer_common::{
     flow::{
         FLOW_FLAG_ANSWERED, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, ReverseKey,
@@ -18,7 +18,7 @@ use balancer_common::{
 };
 
 use crate::{
-    flow, fragments,
+    clock, flow, fragments,
     headers::ICMP_ECHO_REPLY,
     icmp_error, inbound,
     lan_ingress::set_mark,
@@ -117,9 +117,8 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
     let value = unsafe { &mut *value };
     let (flow, mark, id) = (value.flow, value.mark, value.uplink_id);
     // The coarse clock (same monotonic base, tick resolution) is plenty for timeouts of
-    // seconds and costs a fraction of the precise one on every reply packet.
-    // SAFETY: a plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // seconds, and read once per tick it costs a reply no helper call.
+    let now = clock::now_ns();
     // An ordinary reply of an answered flow needs nothing from `FLOWS`: the first answer and
     // the TCP packets that move the flow's state go through it.
     let changes_state =

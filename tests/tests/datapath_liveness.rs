@@ -91,3 +91,59 @@ fn a_flow_stays_on_an_uplink_out_of_the_rotation_until_released() -> anyhow::Res
     assert_ne!(dp.run(LAN, &syn.bytes(), 0)?.mark, 1 << 24);
     Ok(())
 }
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock the programs stamp flows with.
+fn coarse_ns() -> anyhow::Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// The programs read the coarse clock once per tick and CPU (`clock.rs`): a flow's and a
+/// reply's timestamps must still be the coarse clock user space reads, and move on between
+/// packets a tick or more apart.
+#[test]
+fn flow_timestamps_follow_the_coarse_clock() -> anyhow::Result<()> {
+    // One tick at HZ=100, the coarsest common setting: a cached reading may lag by that much.
+    const TICK_NS: u64 = 10_000_000;
+    let dp = Datapath::load()?;
+    let request = Packet::udp((CLIENT, 40_000), (SERVER, 53));
+    let before = coarse_ns()?;
+    dp.run(LAN, &request.bytes(), 0)?;
+    let after = coarse_ns()?;
+    let entry = dp
+        .flow(&flow_key(&request))?
+        .ok_or_else(|| anyhow::anyhow!("no flow"))?;
+    assert!(
+        entry.last_seen_ns + TICK_NS >= before && entry.last_seen_ns <= after,
+        "new flow stamped {} outside {before}..={after}",
+        entry.last_seen_ns
+    );
+
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let before = coarse_ns()?;
+        dp.run(LAN, &request.bytes(), 0)?;
+        let reply = reply_to(&request, uplink_addr(1), u16::from_be(entry.nat_port));
+        dp.run(INGRESS, &reply.bytes(), 0)?;
+        let after = coarse_ns()?;
+        let seen = dp
+            .flow(&flow_key(&request))?
+            .ok_or_else(|| anyhow::anyhow!("flow gone"))?
+            .last_seen_ns;
+        assert!(
+            seen + TICK_NS >= before && seen <= after,
+            "established packet stamped {seen} outside {before}..={after}"
+        );
+        let replied = dp
+            .reverse_entries()?
+            .into_iter()
+            .map(|(_, value)| value.last_reply_ns)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            replied + TICK_NS >= before && replied <= after,
+            "reply stamped {replied} outside {before}..={after}"
+        );
+    }
+    Ok(())
+}

@@ -468,7 +468,7 @@ impl Results {
              bpf-to-bpf call (keys are built from whole words; a three-byte zero fill or a ten-byte copy \
              compiled to calls of `memset` and `memmove`, which cost 10-20 ns a packet until 2026-12-05) and \
              one helper call per translation (`bpf_l4_csum_replace`, which alone knows the skb's checksum \
-             state), plus the clock on the LAN and reply sides.\n\
+             state); the clock is read through a per-CPU cache that calls the helper once per tick.\n\
              - The clients and the internet host keep no TIME_WAIT state (`tcp_max_tw_buckets=0` in their \
              namespaces): otherwise the 20,000 connections of one round leave the clients' ephemeral ports mostly \
              in TIME_WAIT for 60 s, every connect() then searches long for a free port (1.3 ms each with 20,000 \
