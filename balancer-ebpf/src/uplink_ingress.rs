@@ -115,7 +115,8 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
     // SAFETY: a pointer into the map value, valid for this run; what the translation needs is
     // copied out at once, since LRU entries may be reused under us.
     let value = unsafe { &mut *value };
-    let (flow, mark, id) = (value.flow, value.mark, value.uplink_id);
+    let (client_addr, client_port) = (value.flow.client_addr, value.flow.client_port);
+    let (mark, id) = (value.mark, value.uplink_id);
     // The coarse clock (same monotonic base, tick resolution) is plenty for timeouts of
     // seconds, and read once per tick it costs a reply no helper call.
     let now = clock::now_ns();
@@ -124,21 +125,18 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
     let changes_state =
         protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
     if value.flags & REVERSE_FLAG_ANSWERED == 0 || changes_state {
-        update_flow(ctx, &flow, &reverse, &packet, now)?;
+        let flow = value.flow;
+        if !update_flow(ctx, &flow, &reverse, &packet, now) {
+            return Err(PASS_NOT_TRANSLATED);
+        }
         value.flags |= REVERSE_FLAG_ANSWERED;
     }
     // Written once per clock tick, not per packet: a line other CPUs read stays clean.
     if value.last_reply_ns != now {
         value.last_reply_ns = now;
     }
-    fragments::remember(&packet.ip, flow.client_addr, mark, id);
-    rewrite(
-        ctx,
-        &packet,
-        Side::Destination,
-        flow.client_addr,
-        flow.client_port,
-    )?;
+    fragments::remember(&packet.ip, client_addr, mark, id);
+    rewrite(ctx, &packet, Side::Destination, client_addr, client_port)?;
     set_mark(ctx, mark);
     Ok(Some(id))
 }
@@ -146,22 +144,24 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
 /// Records a reply in flow `key`: activity, TCP state, the first answer. An RST changes the
 /// state only within the client's window after what the client expects next (an exact match
 /// always counts); before the client's first ACK, only one that acknowledges its SYN.
-#[inline(always)]
+#[inline(never)]
 fn update_flow(
     ctx: &TcContext,
     key: &FlowKey,
     reverse: &ReverseKey,
     packet: &Packet,
     now: u64,
-) -> Result<(), u32> {
+) -> bool {
     let protocol = packet.ip.protocol;
-    let entry_ptr = flow::lookup(key).ok_or(PASS_NOT_TRANSLATED)?;
+    let Some(entry_ptr) = flow::lookup(key) else {
+        return false;
+    };
     // SAFETY: a pointer into the map value, valid for this run (see `FlowEntry` on sharing).
     let entry = unsafe { &mut *entry_ptr };
     // A reverse entry left behind by a replaced or evicted flow must not steer replies into a
     // flow that now uses another translation.
     if entry.nat_port != reverse.nat_port || entry.uplink_addr != reverse.uplink_addr {
-        return Err(PASS_NOT_TRANSLATED);
+        return false;
     }
     entry.last_seen_ns = now;
     let was_answered = entry.flags & FLOW_FLAG_ANSWERED != 0;
@@ -192,5 +192,5 @@ fn update_flow(
     if protocol == PROTOCOL_TCP && !was_answered {
         bump_uplink(u32::from(entry.uplink_id), UPLINK_TCP_ANSWERED, 1);
     }
-    Ok(())
+    true
 }
