@@ -53,3 +53,4 @@ pub const PROGRAM_REFERENCE_EMPTY: &str = "reference_empty";
 pub const PROGRAM_REFERENCE_NAIVE_SNAT: &str = "reference_naive_snat";
 pub const PROGRAM_REFERENCE_FLOW_LOOKUP: &str = "reference_flow_lookup";
 pub const PROGRAM_REFERENCE_HELPER_CALL: &str = "reference_helper_call";
+pub const PROGRAM_REFERENCE_TRANSLATION_FLOOR: &str = "reference_translation_floor";

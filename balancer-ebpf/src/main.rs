@@ -78,6 +78,13 @@ pub fn reference_flow_lookup(ctx: TcContext) -> i32 {
     verdict::PASS
 }
 
+/// Bench reference: `reference_flow_lookup` plus one checksum helper (`reference`).
+#[classifier]
+pub fn reference_translation_floor(ctx: TcContext) -> i32 {
+    let _ = reference::translation_floor(&ctx);
+    verdict::PASS
+}
+
 /// Bench reference: one helper call, the coarse clock (`reference`).
 #[classifier]
 pub fn reference_helper_call(ctx: TcContext) -> i32 {

@@ -22,9 +22,10 @@ use balancer_common::{
         PROGRAM_LAN_INGRESS as LAN, PROGRAM_REFERENCE_EMPTY as REFERENCE_EMPTY,
         PROGRAM_REFERENCE_FLOW_LOOKUP as REFERENCE_FLOW_LOOKUP,
         PROGRAM_REFERENCE_HELPER_CALL as REFERENCE_HELPER_CALL,
-        PROGRAM_REFERENCE_NAIVE_SNAT as REFERENCE_NAIVE_SNAT, PROGRAM_UPLINK_EGRESS as EGRESS,
-        PROGRAM_UPLINK_INGRESS as INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS,
-        UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
+        PROGRAM_REFERENCE_NAIVE_SNAT as REFERENCE_NAIVE_SNAT,
+        PROGRAM_REFERENCE_TRANSLATION_FLOOR as REFERENCE_TRANSLATION_FLOOR,
+        PROGRAM_UPLINK_EGRESS as EGRESS, PROGRAM_UPLINK_INGRESS as INGRESS, REASONS, SCHEDULE,
+        SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
     },
     policy::smooth_weighted_schedule,
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_NEW_FLOWS, UPLINK_TX_PACKETS},
@@ -169,6 +170,17 @@ pub fn measure(object: &Path, repeat: u32) -> anyhow::Result<Vec<Cost>> {
         program: REFERENCE_FLOW_LOOKUP,
         ns: Some(nanos(run.duration)),
         note: "the least an established flow's packet costs here".into(),
+    });
+    let run = dp.run(REFERENCE_TRANSLATION_FLOOR, &ack, 0, repeat)?;
+    ensure!(
+        run.mark == MARK1 && run.data.get(..ack.len()) == Some(&ack[..]),
+        "translation floor reference: the flow was not found or the frame changed"
+    );
+    costs.push(Cost {
+        name: "reference: the row above + one checksum helper",
+        program: REFERENCE_TRANSLATION_FLOOR,
+        ns: Some(nanos(run.duration)),
+        note: "the least a translated packet costs here".into(),
     });
     let run = dp.run(REFERENCE_HELPER_CALL, &ack, 0, repeat)?;
     ensure!(
@@ -327,6 +339,7 @@ impl Datapath {
             REFERENCE_NAIVE_SNAT,
             REFERENCE_FLOW_LOOKUP,
             REFERENCE_HELPER_CALL,
+            REFERENCE_TRANSLATION_FLOOR,
         ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -461,7 +461,8 @@ impl Results {
              fell to 120-550 per second with `drop_nat_exhausted`, while nftables held 4,000-7,000.\n\
              - What the per-packet rows are made of: the reference rows measure, in the same round, the empty \
              program (the harness), our parser plus one `FLOWS` hit and the mark (the least any established \
-             packet costs), and one helper call (the coarse clock). On a host whose CPU mitigations make each \
+             packet costs), that plus one `bpf_l4_csum_replace` (the least a translated packet costs), and \
+             one helper call (the coarse clock). On a host whose CPU mitigations make each \
              kernel call and return dear (retpolines; AMD's \"safe RET\" return thunks, which also cover the \
              JIT's bpf-to-bpf calls), those dominate: the naive SNAT, made of helper calls, took 155-173 ns \
              where the 100 ns target was set and over 300 ns on such a host. Our established paths make no \
