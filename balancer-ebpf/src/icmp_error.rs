@@ -22,12 +22,12 @@ use balancer_common::{
 };
 
 use crate::{
+    flow,
     headers::{
         ICMP_CHECK_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HDR_LEN,
         ICMP_ID_OFF, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPV4_MIN_LEN, Ipv4Hdr,
         QUOTED_L4_MIN, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
-    flow,
     nat::{Side, csum_replace2, csum_replace4, store_ip_addr},
     parse::Ipv4,
 };

@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use balancer_common::{
     counters::COUNTERS_LEN,
     flow::{
         FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, MappingEntry,
-        MappingKey, ReverseEntry, ReverseKey,
+        MappingKey, MappingPortKey, ReverseEntry, ReverseKey,
     },
     maps::{
         DEFAULT_FLOW_ENTRIES, FORWARDED_UDP_PORT_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES,
@@ -79,6 +79,21 @@ pub static FORWARDED_UDP_PORTS: HashMap<u16, u8> =
 #[map]
 pub static MAPPINGS: LruHashMap<MappingKey, MappingEntry> =
     LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
+
+/// Translated UDP ports on uplink addresses -> the LAN endpoint mapped there, written with the
+/// mapping under endpoint-independent filtering (`mapping::record`). An entry counts only
+/// while that endpoint's mapping still names the port (`mapping::endpoint_at`), so a stale one
+/// is harmless; LRU, sized like `MAPPINGS`.
+#[map]
+pub static MAPPING_PORTS: LruHashMap<MappingPortKey, MappingKey> =
+    LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
+
+/// Slot 0: the `lan_hairpin` program, which `lan_ingress` tail-calls for packets to an uplink
+/// address. A program of its own so that the verifier checks it apart from `lan_ingress`'s
+/// port search (together they pass its budget). Filled by the daemon when it loads the
+/// programs and not pinned: while no daemon runs, such packets go to the gateway's stack.
+#[map]
+pub static HAIRPIN: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map]
 pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(UPLINK_SLOTS, 0);

@@ -60,8 +60,13 @@ pub fn naive_snat(ctx: &TcContext) -> Result<(), ()> {
     )
     .map_err(|_| ())?;
     ctx.store(TCP_OFF, &port, 0).map_err(|_| ())?;
-    ctx.l4_csum_replace(TCP_CHECK_OFF, u64::from(key.client_port), u64::from(port), 2)
-        .map_err(|_| ())?;
+    ctx.l4_csum_replace(
+        TCP_CHECK_OFF,
+        u64::from(key.client_port),
+        u64::from(port),
+        2,
+    )
+    .map_err(|_| ())?;
     set_mark(ctx, mark);
     bump_uplink(u32::from(id), UPLINK_TX_PACKETS, 1);
     Ok(())

@@ -13,10 +13,9 @@ use balancer_common::{
 };
 
 use crate::{
-    fragments,
+    flow, fragments,
     headers::ICMP_ECHO_REQUEST,
     icmp_error,
-    flow,
     maps::{UPLINK_BY_IFINDEX, UPLINKS, bump_uplink},
     mss,
     nat::{Side, rewrite},

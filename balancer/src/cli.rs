@@ -117,6 +117,7 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
         error,
     })?;
     println!("{}: OK, {} uplink(s)", path.display(), config.uplinks.len());
+    println!("  {}", nat_summary(&config));
     for uplink in config.uplinks.iter().filter(|u| u.track.is_empty()) {
         // Probing only the modem cannot see a dead line behind it; without targets, only
         // carrier loss takes an uplink out of the rotation.
@@ -162,6 +163,20 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The NAT behaviour the data plane is configured for, one line for `check` and `plan`.
+fn nat_summary(config: &Config) -> String {
+    let data = &config.dataplane;
+    if !data.enabled {
+        return "data plane: off".into();
+    }
+    format!(
+        "data plane: NAT ports {}-{}, endpoint-independent mapping, filtering {}",
+        data.nat_port_min,
+        data.nat_port_max,
+        data.filtering.name()
+    )
+}
+
 /// Warns about the host firewall's source NAT on an uplink (`firewall`).
 fn warn_about_source_nat(config: &Config) {
     let uplinks: Vec<String> = config.uplinks.iter().map(|u| u.interface.clone()).collect();
@@ -198,6 +213,7 @@ async fn show_plan(path: &std::path::Path) -> anyhow::Result<()> {
             error,
         }
     })?;
+    println!("# {}", nat_summary(&config));
     if operations.is_empty() {
         println!(
             "# nothing to change: the kernel already matches {}",

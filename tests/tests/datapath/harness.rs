@@ -15,14 +15,17 @@ use balancer_common::{
     flow::{FlowEntry, FlowKey, InboundEntry, InboundKey, ReverseEntry, ReverseKey},
     maps::{
         DESTINATIONS, FLOWS, FORWARDED_UDP_PORTS, INBOUND, NAT_REVERSE, PENDING_FLOWS,
-        PENDING_REVERSE, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS,
-        REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
+        PENDING_REVERSE, PROGRAM_LAN_HAIRPIN, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS,
+        PROGRAM_UPLINK_INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX,
+        UPLINK_COUNTERS, UPLINKS,
     },
     policy::smooth_weighted_schedule,
     stats::UPLINK_COUNTER_FIELDS,
     uplink::{DESTINATION_PASS, SCHEDULE_SLOTS, ScheduleLength, Settings, UplinkInfo},
 };
 
+/// The programs attached to interfaces, which see every frame. `lan_hairpin`, which only
+/// `lan_ingress` calls (after its own checks), is loaded beside them.
 pub const PROGRAMS: [&str; 3] = [
     PROGRAM_LAN_INGRESS,
     PROGRAM_UPLINK_EGRESS,
@@ -77,7 +80,7 @@ impl Datapath {
             .map_max_entries(PENDING_REVERSE, entries)
             .load(balancer::dataplane::object())
             .context("parsing the embedded object")?;
-        for name in PROGRAMS {
+        for name in PROGRAMS.into_iter().chain([PROGRAM_LAN_HAIRPIN]) {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
@@ -86,6 +89,7 @@ impl Datapath {
                 .load()
                 .map_err(|error| anyhow!("loading {name}: {error:#}"))?;
         }
+        balancer::dataplane::install_hairpin(&mut ebpf)?;
         let mut datapath = Self { ebpf };
         for id in 1..=3u8 {
             datapath.set_uplink(
