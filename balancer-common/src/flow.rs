@@ -12,7 +12,9 @@ pub const PROTOCOL_UDP: u8 = 17;
 /// another's mapping on an uplink address): UDP with the top bit set, a value no packet of
 /// an ordinary flow carries, so hairpin flows never meet ordinary ones in the tables and an
 /// ordinary flow's lookup never finds one.
-pub const PROTOCOL_UDP_HAIRPIN: u8 = PROTOCOL_UDP | 0x80;
+pub const PROTOCOL_UDP_HAIRPIN: u8 = PROTOCOL_UDP | PROTOCOL_HAIRPIN_BIT;
+/// The bit that marks a hairpin flow's protocol.
+pub const PROTOCOL_HAIRPIN_BIT: u8 = 0x80;
 
 /// A flow as the LAN client sent it. Key of `FLOWS`.
 ///
@@ -250,6 +252,20 @@ pub struct MappingPortKey {
     pub _pad: u8,
 }
 
+/// A port the gateway itself listens on, or the host's firewall forwards (DNAT), with its
+/// protocol. Key of `RESERVED_PORTS`: such a port is never a translated port, so the replies of
+/// LAN clients' flows can never be confused with packets for the gateway's own service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReservedPortKey {
+    /// Network order.
+    pub port: u16,
+    /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<ReservedPortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<MappingKey>() == 8);
 const _: () = assert!(core::mem::size_of::<MappingPortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<MappingEntry>() == 24);
@@ -287,4 +303,6 @@ mod pod {
     unsafe impl aya::Pod for super::MappingEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MappingPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReservedPortKey {}
 }

@@ -22,6 +22,7 @@ pub const INBOUND: &str = "INBOUND";
 pub const MAPPINGS: &str = "MAPPINGS";
 pub const FORWARDED_UDP_PORTS: &str = "FORWARDED_UDP_PORTS";
 pub const MAPPING_PORTS: &str = "MAPPING_PORTS";
+pub const RESERVED_PORTS: &str = "RESERVED_PORTS";
 /// The program array `lan_ingress` tail-calls for hairpinning (slot 0: `lan_hairpin`).
 pub const HAIRPIN: &str = "HAIRPIN";
 
@@ -43,6 +44,9 @@ pub const MAPPING_ENTRIES: u32 = 65_536;
 
 /// Capacity of `FORWARDED_UDP_PORTS`: every port, so any set of forwards fits.
 pub const FORWARDED_UDP_PORT_ENTRIES: u32 = 65_536;
+
+/// Capacity of `RESERVED_PORTS`: every TCP and UDP port.
+pub const RESERVED_PORT_ENTRIES: u32 = 2 * 65_536;
 
 /// Program names (the function names of the classifiers).
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";

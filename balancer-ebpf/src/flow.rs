@@ -15,8 +15,8 @@ use balancer_common::{
     counters::{COUNTER_HALVES_REMOVED, COUNTER_PORT_TAKEOVERS, COUNTER_PROMOTIONS_REFUSED},
     flow::{
         FLOW_FLAG_FORCED, FLOW_FLAG_UNSOLICITED, FLOW_STATE_NEW, FlowEntry, FlowKey, MappingKey,
-        PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, REVERSE_FLAG_UNSOLICITED, ReverseEntry, ReverseKey,
-        WSCALE_NONE,
+        PROTOCOL_HAIRPIN_BIT, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, REVERSE_FLAG_UNSOLICITED,
+        ReservedPortKey, ReverseEntry, ReverseKey, WSCALE_NONE,
     },
     policy::{flow_expired, flow_expired_with_replies, flow_over, nat_port_range},
     stats::{
@@ -28,7 +28,10 @@ use balancer_common::{
 
 use crate::{
     mapping,
-    maps::{FLOWS, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE, UPLINKS, bump, bump_uplink},
+    maps::{
+        FLOWS, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE, RESERVED_PORTS, UPLINKS, bump,
+        bump_uplink,
+    },
 };
 
 /// Translated ports tried per new flow before giving up: bounded for the verifier and for
@@ -243,6 +246,7 @@ pub fn create(
             },
         };
         let free = free
+            && !is_reserved(key.protocol, reverse.nat_port)
             && exclusive.is_none_or(|endpoint| {
                 mapping::port_free_for(
                     endpoint,
@@ -307,6 +311,19 @@ pub fn create(
         bump_uplink(id, UPLINK_TCP_NEW_FLOWS, 1);
     }
     Ok((entry.mark, entry.nat_port))
+}
+
+/// Whether `port` (network order) is one the gateway listens on or forwards for `protocol`
+/// (a hairpin flow's protocol counts as UDP): never a translated port.
+#[inline(always)]
+pub fn is_reserved(protocol: u8, port: u16) -> bool {
+    let key = ReservedPortKey {
+        port,
+        protocol: protocol & !PROTOCOL_HAIRPIN_BIT,
+        _pad: 0,
+    };
+    // SAFETY: the value is a plain u8 and only its presence is used.
+    unsafe { RESERVED_PORTS.get(&key) }.is_some()
 }
 
 /// Creates flow `key` on uplink `id` with the translated port `reverse` names, in the pending

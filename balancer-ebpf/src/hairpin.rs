@@ -199,13 +199,13 @@ fn open(
     let mapped = mapping::find(&endpoint, key, settings, now);
     let nat_port = match &mapped {
         Some(m) if u32::from(m.uplink_id) == id => m.nat_port,
-        Some(_) => key.client_port,
-        None => {
+        _ => {
             let (min, max) = nat_port_range(settings);
             let port = u16::from_be(key.client_port);
             let exclusive = settings.filtering == FILTERING_ENDPOINT_INDEPENDENT;
             if port < min
                 || port > max
+                || flow::is_reserved(PROTOCOL_UDP, key.client_port)
                 || (exclusive
                     && !mapping::port_free_for(
                         &endpoint,

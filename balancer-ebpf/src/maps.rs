@@ -10,11 +10,11 @@ use balancer_common::{
     counters::COUNTERS_LEN,
     flow::{
         FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, MappingEntry,
-        MappingKey, MappingPortKey, ReverseEntry, ReverseKey,
+        MappingKey, MappingPortKey, ReservedPortKey, ReverseEntry, ReverseKey,
     },
     maps::{
         DEFAULT_FLOW_ENTRIES, FORWARDED_UDP_PORT_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES,
-        MAPPING_ENTRIES,
+        MAPPING_ENTRIES, RESERVED_PORT_ENTRIES,
     },
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
     uplink::{
@@ -74,6 +74,13 @@ pub static INBOUND: LruHashMap<InboundKey, InboundEntry> =
 #[map]
 pub static FORWARDED_UDP_PORTS: HashMap<u16, u8> =
     HashMap::with_max_entries(FORWARDED_UDP_PORT_ENTRIES, 0);
+
+/// Ports the gateway listens on (TCP listeners, bound UDP sockets on any or an uplink address)
+/// or the host's nftables DNAT forwards, within the NAT range, as the daemon read them; the
+/// value is unused. The port search never picks one (`flow::create`).
+#[map]
+pub static RESERVED_PORTS: HashMap<ReservedPortKey, u8> =
+    HashMap::with_max_entries(RESERVED_PORT_ENTRIES, 0);
 
 /// LAN endpoints -> the uplink and translated port all their flows get (`mapping`).
 #[map]

@@ -5,7 +5,10 @@
 //! - `filtering = "endpoint-independent"`: Debian's STUN client reports "Independent Filter"
 //!   through each of three uplinks, a second host's unsolicited datagram reaches the client's
 //!   mapped port with that host's address as its source, and one LAN client reaches another's
-//!   mapping directly.
+//!   mapping directly;
+//! - reserved ports: a gateway service bound to an uplink address on a port in the NAT range
+//!   keeps its traffic while a LAN client bound to the same port talks to the same remote, and
+//!   `check` lists the port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -58,6 +61,18 @@ fn lab_with_filtering(tag: &str, uplinks: usize, filtering: Option<&str>) -> (La
 
 /// `labtool udp-peer` in `ns`, bound to `bind`, sending to `send_to`; started, not awaited.
 fn peer(lab: &Lab, ns: &str, bind: &str, send_to: &[String], sends: u32) -> ChildGuard {
+    peer_with(lab, ns, bind, send_to, sends, &["--seconds", "4"])
+}
+
+/// [`peer`] with more arguments for `udp-peer`.
+fn peer_with(
+    lab: &Lab,
+    ns: &str,
+    bind: &str,
+    send_to: &[String],
+    sends: u32,
+    extra: &[&str],
+) -> ChildGuard {
     let labtool = lab.labtool().display().to_string();
     let sends = sends.to_string();
     let mut argv = vec![
@@ -69,9 +84,8 @@ fn peer(lab: &Lab, ns: &str, bind: &str, send_to: &[String], sends: u32) -> Chil
         &sends,
         "--interval-ms",
         "200",
-        "--seconds",
-        "4",
     ];
+    argv.extend(extra);
     for target in send_to {
         argv.extend(["--send-to", target.as_str()]);
     }
@@ -332,4 +346,94 @@ fn balancer_stats_counter(lab: &Lab, name: &str) -> u64 {
     value[name]
         .as_u64()
         .unwrap_or_else(|| panic!("no {name} in stats: {value}"))
+}
+
+#[test]
+fn a_gateway_service_on_a_port_in_the_nat_range_keeps_its_traffic_beside_a_lan_client() {
+    let mut spec = LabSpec::new(&prefix("rp"), 1);
+    spec.rates_mbit = Vec::new();
+    let lab = Lab::up(spec).unwrap();
+    lab.exec_ok(
+        &lab.inet(),
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SECOND_HOST}/32"),
+            "dev",
+            "srv0",
+        ],
+    )
+    .unwrap();
+    let uplink = lab.uplink_source(1);
+    let service_addr = format!("{uplink}:62500");
+    // The gateway's own UDP service (WireGuard on 51820 would be the same), there before the
+    // daemon starts, as a service started at boot is.
+    let service = peer_with(
+        &lab,
+        &lab.gw(),
+        &service_addr,
+        &[],
+        0,
+        &["--answer", "--seconds", "15"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let config = write_config(&lab, "balancer.toml", &lab.balancer_config_toml());
+    let check = balancer(&lab, &["check", "-c", &config]);
+    let warnings = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{warnings}");
+    assert!(
+        warnings.contains("udp port 62500 is in the NAT range 32768-65535")
+            && warnings.contains(&uplink.to_string())
+            && warnings.contains("labtool")
+            && warnings.contains("keeps it out of the mappings"),
+        "check lists the service's port, address and process: {warnings}"
+    );
+    let _daemon = start_daemon(&lab, &config);
+    wait_for_dataplane(&lab);
+
+    // A LAN client bound to the same port talks to the same remote first, then the remote
+    // talks to the service.
+    let client_bind = format!("{}:62500", lab.client_addr(1));
+    let remote_addr = format!("{SECOND_HOST}:7777");
+    let client = peer(
+        &lab,
+        &lab.client(1),
+        &client_bind,
+        std::slice::from_ref(&remote_addr),
+        10,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let remote = peer(
+        &lab,
+        &lab.inet(),
+        &remote_addr,
+        std::slice::from_ref(&service_addr),
+        5,
+    );
+    let heard_remote = received(remote);
+    let heard_client = received(client);
+    drop(service);
+    assert!(
+        heard_remote.iter().any(|(from, p)| *from == service_addr
+            && p.starts_with(&format!("answer from {service_addr}"))),
+        "the service did not answer the remote: {heard_remote:?}"
+    );
+    let client_public = heard_remote
+        .iter()
+        .find(|(_, p)| *p == format!("from {client_bind}"))
+        .map(|(from, _)| from.clone())
+        .unwrap_or_else(|| {
+            panic!("the client's datagrams never reached the remote: {heard_remote:?}")
+        });
+    assert!(
+        client_public.starts_with(&format!("{uplink}:")) && client_public != service_addr,
+        "the client's translated endpoint {client_public} must be another port of {uplink}"
+    );
+    assert!(
+        heard_client
+            .iter()
+            .all(|(from, _)| !from.starts_with(SECOND_HOST)),
+        "the remote's datagrams to the service reached the LAN client: {heard_client:?}"
+    );
 }

@@ -172,6 +172,8 @@ pub struct Dataplane {
     lone_flows_seen: [HashSet<FlowKey>; 2],
     /// The forwarded UDP ports last written; an unchanged set writes nothing.
     forwarded_udp_written: Option<BTreeSet<u16>>,
+    /// The reserved ports last written; an unchanged set writes nothing.
+    reserved_written: Option<BTreeSet<(u8, u16)>>,
 }
 
 /// Every program in the object, in the order they are loaded.
@@ -185,10 +187,11 @@ const PROGRAMS: [&str; 6] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 18] = [
+const PINNED_MAPS: [&str; 19] = [
     names::FLOWS,
     names::MAPPINGS,
     names::MAPPING_PORTS,
+    names::RESERVED_PORTS,
     names::PENDING_FLOWS,
     names::PENDING_REVERSE,
     names::INBOUND,
@@ -273,6 +276,7 @@ impl Dataplane {
             orphans_seen: Default::default(),
             lone_flows_seen: Default::default(),
             forwarded_udp_written: None,
+            reserved_written: None,
         })
     }
 

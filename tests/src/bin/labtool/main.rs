@@ -240,6 +240,9 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Answer every datagram received (a service).
+        #[arg(long)]
+        answer: bool,
     },
     /// Wait until every given TCP address accepts a connection.
     WaitTcp {
@@ -347,12 +350,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sends,
             interval_ms,
             seconds,
+            answer,
         } => udp_peer(
             bind,
             &send_to,
             sends.min(MAX_COUNT),
             Duration::from_millis(interval_ms),
             seconds,
+            answer,
         ),
         Cmd::HttpGet { opts, path, count } => http_get(&opts, &path, count),
         Cmd::Download { opts, seconds } => download(&opts, seconds),

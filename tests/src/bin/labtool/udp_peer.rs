@@ -1,7 +1,8 @@
 //! `udp-peer`: one UDP socket on a fixed local address and port that both sends and listens,
 //! as a peer-to-peer application does (hole punching, a game console behind the NAT): every
 //! `--interval-ms` it sends `from <local>` to each `--send-to` address (at most `--sends`
-//! rounds), and it records every datagram it receives with its source until `--seconds` pass.
+//! rounds), and it records every datagram it receives with its source until `--seconds` pass;
+//! with `--answer` it answers each with `answer from <local> to <source>` (a service).
 //! Prints JSON {local, sent, received: [{from, payload}]}.
 
 use std::{
@@ -37,6 +38,7 @@ pub(crate) fn udp_peer(
     sends: u32,
     interval: Duration,
     seconds: f64,
+    answer: bool,
 ) -> anyhow::Result<()> {
     let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
     let local = socket.local_addr()?;
@@ -80,6 +82,9 @@ pub(crate) fn udp_peer(
         socket.set_read_timeout(Some(wait))?;
         // Timeouts, and ICMP errors reported on the socket, just go on until the deadline.
         if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if answer {
+                let _ = socket.send_to(format!("answer from {local} to {from}").as_bytes(), from);
+            }
             if summary.received.len() < MAX_RECORDED {
                 summary.received.push(Received {
                     from: from.to_string(),
