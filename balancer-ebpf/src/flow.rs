@@ -124,21 +124,23 @@ pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
     };
     // A pending flow whose reverse half the LRU evicted would never see its replies: it is
     // replaced, which removes it.
-    if live && pending && !owns(&reverse, key) {
-        bump(COUNTER_HALVES_REMOVED, 1);
-        live = false;
-    }
-    if !live {
-        return Found::Stale(reverse);
-    }
-    // The client answers a flow a remote started (endpoint-independent filtering): now it is
-    // answered, and moves to the main pair like any other.
-    if pending && e.flags & FLOW_FLAG_UNSOLICITED != 0 && promote(&reverse, true).is_some() {
-        if let Some(promoted) = FLOWS.get_ptr_mut(key) {
-            return Found::Live(promoted);
+    if live && pending {
+        if !owns(&reverse, key) {
+            bump(COUNTER_HALVES_REMOVED, 1);
+            live = false;
+        } else if e.flags & FLOW_FLAG_UNSOLICITED != 0 && promote(&reverse, true).is_some() {
+            // The client answers a flow a remote started (endpoint-independent filtering): it
+            // is answered now, and moves to the main pair like any other.
+            if let Some(promoted) = FLOWS.get_ptr_mut(key) {
+                return Found::Live(promoted);
+            }
         }
     }
-    Found::Live(entry)
+    if live {
+        Found::Live(entry)
+    } else {
+        Found::Stale(reverse)
+    }
 }
 
 /// Whether replies translated without touching `FLOWS` (`ReverseEntry::last_reply_ns`) keep a

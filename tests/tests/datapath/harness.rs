@@ -172,6 +172,20 @@ impl Datapath {
         Ok(())
     }
 
+    /// Marks `port` of `protocol` as held by the gateway, as the daemon does (`RESERVED_PORTS`).
+    pub fn reserve_port(&mut self, protocol: u8, port: u16) -> anyhow::Result<()> {
+        let key = balancer_common::flow::ReservedPortKey {
+            port: port.to_be(),
+            protocol,
+            _pad: 0,
+        };
+        let mut map: HashMap<&mut MapData, balancer_common::flow::ReservedPortKey, u8> = self
+            .map_mut(balancer_common::maps::RESERVED_PORTS)?
+            .try_into()?;
+        map.insert(key, 1, 0)?;
+        Ok(())
+    }
+
     pub fn add_destination(
         &mut self,
         net: Ipv4Addr,
