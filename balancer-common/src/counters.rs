@@ -31,5 +31,8 @@ pub const COUNTER_UNSOLICITED_ADMITTED: u32 = 7;
 /// Packets from one LAN client to another's mapping on an uplink address, translated both ways
 /// at LAN ingress and sent back to the LAN (hairpinning, RFC 4787 REQ-9).
 pub const COUNTER_HAIRPINNED: u32 = 8;
+/// Unsolicited datagrams endpoint-independent filtering turned away because their LAN endpoint
+/// already had `UNSOLICITED_FLOWS_PER_SECOND` new unsolicited flows this second.
+pub const COUNTER_UNSOLICITED_REFUSED: u32 = 9;
 /// Number of slots; the map is declared with exactly this many entries.
-pub const COUNTERS_LEN: u32 = 9;
+pub const COUNTERS_LEN: u32 = 10;

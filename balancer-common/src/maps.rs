@@ -23,6 +23,7 @@ pub const MAPPINGS: &str = "MAPPINGS";
 pub const FORWARDED_UDP_PORTS: &str = "FORWARDED_UDP_PORTS";
 pub const MAPPING_PORTS: &str = "MAPPING_PORTS";
 pub const RESERVED_PORTS: &str = "RESERVED_PORTS";
+pub const UNSOLICITED_BUDGET: &str = "UNSOLICITED_BUDGET";
 /// The program array `lan_ingress` tail-calls for hairpinning (slot 0: `lan_hairpin`).
 pub const HAIRPIN: &str = "HAIRPIN";
 
@@ -44,6 +45,11 @@ pub const MAPPING_ENTRIES: u32 = 65_536;
 
 /// Capacity of `FORWARDED_UDP_PORTS`: every port, so any set of forwards fits.
 pub const FORWARDED_UDP_PORT_ENTRIES: u32 = 65_536;
+
+/// New unsolicited flows (endpoint-independent filtering) one LAN endpoint may get per second:
+/// plenty for peers reaching a game console, and a bound on how fast an inbound flood toward
+/// one mapping can churn the pending table that other hosts' new flows share.
+pub const UNSOLICITED_FLOWS_PER_SECOND: u32 = 64;
 
 /// Capacity of `RESERVED_PORTS`: every TCP and UDP port.
 pub const RESERVED_PORT_ENTRIES: u32 = 2 * 65_536;

@@ -75,6 +75,12 @@ pub static INBOUND: LruHashMap<InboundKey, InboundEntry> =
 pub static FORWARDED_UDP_PORTS: HashMap<u16, u8> =
     HashMap::with_max_entries(FORWARDED_UDP_PORT_ENTRIES, 0);
 
+/// LAN endpoints -> their unsolicited-flow budget this second: the second (coarse clock, in
+/// seconds) in the high 32 bits, the flows admitted in it in the low 32 (`filtering::admit`).
+#[map]
+pub static UNSOLICITED_BUDGET: LruHashMap<MappingKey, u64> =
+    LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
+
 /// Ports the gateway listens on (TCP listeners, bound UDP sockets on any or an uplink address)
 /// or the host's nftables DNAT forwards, within the NAT range, as the daemon read them; the
 /// value is unused. The port search never picks one (`flow::create`).

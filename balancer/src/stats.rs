@@ -9,7 +9,7 @@ use balancer_common::{
     counters::{
         COUNTER_HAIRPINNED, COUNTER_HALVES_REMOVED, COUNTER_MAPPING_COLLISIONS,
         COUNTER_PORT_TAKEOVERS, COUNTER_PROMOTIONS_REFUSED, COUNTER_UNSOLICITED_ADMITTED,
-        COUNTERS_MAP,
+        COUNTER_UNSOLICITED_REFUSED, COUNTERS_MAP,
     },
     flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps as names,
@@ -88,6 +88,9 @@ pub struct Stats {
     /// Unsolicited flows endpoint-independent filtering let in (a remote's datagram to a LAN
     /// endpoint's mapping that no flow answered).
     pub unsolicited_admitted: u64,
+    /// Unsolicited datagrams turned away: their LAN endpoint had its share of new unsolicited
+    /// flows this second.
+    pub unsolicited_refused: u64,
     /// Packets from one LAN client to another's public mapping, translated and sent back to the
     /// LAN (hairpinning).
     pub hairpinned: u64,
@@ -219,6 +222,7 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
         port_takeovers: sum(&lan_counters, COUNTER_PORT_TAKEOVERS)?,
         mapping_collisions: sum(&lan_counters, COUNTER_MAPPING_COLLISIONS)?,
         unsolicited_admitted: sum(&lan_counters, COUNTER_UNSOLICITED_ADMITTED)?,
+        unsolicited_refused: sum(&lan_counters, COUNTER_UNSOLICITED_REFUSED)?,
         hairpinned: sum(&lan_counters, COUNTER_HAIRPINNED)?,
         reasons,
     })
@@ -293,8 +297,8 @@ pub fn table(stats: &Stats) -> String {
         stats.evictions, stats.promotions_refused, stats.port_takeovers, stats.mapping_collisions
     ));
     out.push_str(&format!(
-        "unsolicited flows admitted (endpoint-independent filtering): {}, hairpinned packets: {}\n",
-        stats.unsolicited_admitted, stats.hairpinned
+        "unsolicited flows admitted (endpoint-independent filtering): {}, refused (over 64/s for one endpoint): {}, hairpinned packets: {}\n",
+        stats.unsolicited_admitted, stats.unsolicited_refused, stats.hairpinned
     ));
     let noted: Vec<String> = stats
         .reasons

@@ -2,16 +2,20 @@
 //! filtering a remote's datagram to a mapping creates an unsolicited flow in the pending table,
 //! translated to the client, that more datagrams from the remote never promote and the client's
 //! answer does, and a mapped port serves one endpoint; under the default filtering the same
-//! datagram is not translated; a reserved port is never a translated port. Root only.
+//! datagram is not translated; a reserved port is never a translated port; an inbound flood
+//! toward one mapping gets a bounded number of unsolicited flows. Root only.
 
 mod datapath;
 
 use std::net::Ipv4Addr;
 
 use balancer_common::{
-    counters::COUNTER_UNSOLICITED_ADMITTED,
+    counters::{COUNTER_UNSOLICITED_ADMITTED, COUNTER_UNSOLICITED_REFUSED},
     flow::{FLOW_FLAG_UNSOLICITED, FlowKey, PROTOCOL_UDP},
-    maps::{FLOWS, PENDING_FLOWS, PROGRAM_LAN_INGRESS as LAN, PROGRAM_UPLINK_INGRESS as INGRESS},
+    maps::{
+        FLOWS, PENDING_FLOWS, PROGRAM_LAN_INGRESS as LAN, PROGRAM_UPLINK_INGRESS as INGRESS,
+        UNSOLICITED_FLOWS_PER_SECOND,
+    },
     stats::UPLINK_RX_UNSOLICITED,
     uplink::{FILTERING_ENDPOINT_INDEPENDENT, Settings},
 };
@@ -147,5 +151,32 @@ fn a_reserved_port_is_never_a_translated_port() -> anyhow::Result<()> {
         .find(|(k, _)| k.protocol == 6)
         .map(|(_, e)| u16::from_be(e.nat_port));
     assert_eq!(tcp, Some(62_000));
+    Ok(())
+}
+
+#[test]
+fn an_inbound_flood_toward_one_mapping_gets_a_bounded_share_of_the_pending_table()
+-> anyhow::Result<()> {
+    let dp = load(FILTERING_ENDPOINT_INDEPENDENT)?;
+    assert_eq!(open(&dp, CLIENT, SERVER)?, 62_000);
+    // 200 strangers' endpoints, well within two seconds: at most one budget per second.
+    for port in 0..200u16 {
+        let datagram = Packet::udp((STRANGER, 10_000 + port), (uplink_addr(1), 62_000));
+        dp.run(INGRESS, &datagram.bytes(), 0)?;
+    }
+    let admitted = dp.counter(COUNTER_UNSOLICITED_ADMITTED)?;
+    let refused = dp.counter(COUNTER_UNSOLICITED_REFUSED)?;
+    let per_second = u64::from(UNSOLICITED_FLOWS_PER_SECOND);
+    assert_eq!(admitted + refused, 200);
+    assert!(
+        (per_second..=2 * per_second).contains(&admitted),
+        "admitted {admitted}, refused {refused}"
+    );
+    let pending_unsolicited = dp
+        .table_flows(PENDING_FLOWS)?
+        .into_iter()
+        .filter(|(_, entry)| entry.flags & FLOW_FLAG_UNSOLICITED != 0)
+        .count() as u64;
+    assert_eq!(pending_unsolicited, admitted);
     Ok(())
 }

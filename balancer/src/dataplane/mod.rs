@@ -187,11 +187,12 @@ const PROGRAMS: [&str; 6] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 19] = [
+const PINNED_MAPS: [&str; 20] = [
     names::FLOWS,
     names::MAPPINGS,
     names::MAPPING_PORTS,
     names::RESERVED_PORTS,
+    names::UNSOLICITED_BUDGET,
     names::PENDING_FLOWS,
     names::PENDING_REVERSE,
     names::INBOUND,
