@@ -265,6 +265,17 @@ pub struct ReservedPortKey {
     pub _pad: u8,
 }
 
+/// Value of `MAPPING_PORTS`: the endpoint mapped at a port, and when a flow of it last took
+/// that mapping, so the port search can tell a live holder in one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingPortEntry {
+    pub endpoint: MappingKey,
+    /// `MappingEntry::last_flow_ns` as written with it.
+    pub last_flow_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<MappingPortEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<ReservedPortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<MappingKey>() == 8);
 const _: () = assert!(core::mem::size_of::<MappingPortKey>() == 8);
@@ -305,4 +316,6 @@ mod pod {
     unsafe impl aya::Pod for super::MappingPortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ReservedPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MappingPortEntry {}
 }

@@ -7,7 +7,11 @@
 
 use balancer_common::{
     counters::COUNTER_MAPPING_COLLISIONS,
-    flow::{FlowKey, MappingEntry, MappingKey, MappingPortKey, PROTOCOL_TCP, PROTOCOL_UDP},
+    flow::{
+        FlowKey, MappingEntry, MappingKey, MappingPortEntry, MappingPortKey, PROTOCOL_TCP,
+        PROTOCOL_UDP,
+    },
+    policy::DEFAULT_UDP_TIMEOUT_NS,
     uplink::{FILTERING_ENDPOINT_INDEPENDENT, Settings},
 };
 
@@ -78,6 +82,16 @@ fn anchor_lives(endpoint: &MappingKey, mapping: &MappingEntry) -> bool {
     })
 }
 
+/// How long a UDP mapping lives after its last new flow: the UDP timeout (zero: the default).
+#[inline(always)]
+fn udp_lifetime(settings: &Settings) -> u64 {
+    if settings.udp_timeout_ns == 0 {
+        DEFAULT_UDP_TIMEOUT_NS
+    } else {
+        settings.udp_timeout_ns
+    }
+}
+
 /// The key of `MAPPING_PORTS` for UDP port `nat_port` on `uplink_addr`.
 #[inline(always)]
 pub fn port_key(uplink_addr: u32, nat_port: u16) -> MappingPortKey {
@@ -100,7 +114,7 @@ pub fn endpoint_at(
     now_ns: u64,
 ) -> Option<(MappingKey, MappingEntry)> {
     // SAFETY: successful lookups return pointers to the values; copied out at once.
-    let endpoint = unsafe { *MAPPING_PORTS.get_ptr(port)? };
+    let endpoint = unsafe { (*MAPPING_PORTS.get_ptr(port)?).endpoint };
     // SAFETY: as above.
     let mapping = unsafe { *MAPPINGS.get_ptr(&endpoint)? };
     let uplink = UPLINKS.get(u32::from(mapping.uplink_id))?;
@@ -110,7 +124,7 @@ pub fn endpoint_at(
     {
         return None;
     }
-    if now_ns.saturating_sub(mapping.last_flow_ns) < settings.udp_timeout_ns
+    if now_ns.saturating_sub(mapping.last_flow_ns) < udp_lifetime(settings)
         || anchor_lives(&endpoint, &mapping)
     {
         Some((endpoint, mapping))
@@ -120,8 +134,12 @@ pub fn endpoint_at(
 }
 
 /// Whether UDP port `nat_port` on `uplink_addr` may serve `endpoint` under endpoint-independent
-/// filtering: no other endpoint's live mapping holds it (a port serves one endpoint per uplink
-/// and protocol, or a remote's packet to it could reach either).
+/// filtering: no other endpoint took a mapping there within the UDP timeout (a port serves one
+/// endpoint per uplink and protocol, or a remote's packet to it could reach either). One lookup
+/// and no more: this runs for every candidate of the port search, where the verifier's budget
+/// (and the daemon's start-up time) has no room for `endpoint_at`'s whole check. A holder
+/// whose only flow outlived the timeout may therefore lose the port to a new endpoint, which
+/// then gets the unsolicited packets; the old flow keeps working by its reverse entry.
 #[inline(always)]
 pub fn port_free_for(
     endpoint: &MappingKey,
@@ -130,8 +148,12 @@ pub fn port_free_for(
     settings: &Settings,
     now_ns: u64,
 ) -> bool {
-    match endpoint_at(&port_key(uplink_addr, nat_port), settings, now_ns) {
-        Some((holder, _)) => holder == *endpoint,
+    match MAPPING_PORTS.get_ptr(&port_key(uplink_addr, nat_port)) {
+        // SAFETY: a successful lookup returns a pointer to the value; read at once.
+        Some(holder) => unsafe {
+            (*holder).endpoint == *endpoint
+                || now_ns.saturating_sub((*holder).last_flow_ns) >= udp_lifetime(settings)
+        },
         None => true,
     }
 }
@@ -171,6 +193,10 @@ pub fn record(
     };
     let _ = MAPPINGS.insert(endpoint, &entry, 0);
     if settings.filtering == FILTERING_ENDPOINT_INDEPENDENT && endpoint.protocol == PROTOCOL_UDP {
-        let _ = MAPPING_PORTS.insert(&port_key(uplink_addr, nat_port), endpoint, 0);
+        let held = MappingPortEntry {
+            endpoint: *endpoint,
+            last_flow_ns: now_ns,
+        };
+        let _ = MAPPING_PORTS.insert(&port_key(uplink_addr, nat_port), &held, 0);
     }
 }

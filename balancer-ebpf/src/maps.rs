@@ -10,7 +10,7 @@ use balancer_common::{
     counters::COUNTERS_LEN,
     flow::{
         FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, MappingEntry,
-        MappingKey, MappingPortKey, ReservedPortKey, ReverseEntry, ReverseKey,
+        MappingKey, MappingPortEntry, MappingPortKey, ReservedPortKey, ReverseEntry, ReverseKey,
     },
     maps::{
         DEFAULT_FLOW_ENTRIES, FORWARDED_UDP_PORT_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES,
@@ -93,12 +93,13 @@ pub static RESERVED_PORTS: HashMap<ReservedPortKey, u8> =
 pub static MAPPINGS: LruHashMap<MappingKey, MappingEntry> =
     LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
 
-/// Translated UDP ports on uplink addresses -> the LAN endpoint mapped there, written with the
-/// mapping under endpoint-independent filtering (`mapping::record`). An entry counts only
-/// while that endpoint's mapping still names the port (`mapping::endpoint_at`), so a stale one
-/// is harmless; LRU, sized like `MAPPINGS`.
+/// Translated UDP ports on uplink addresses -> the LAN endpoint mapped there and when, written
+/// with the mapping under endpoint-independent filtering (`mapping::record`). A packet from
+/// the internet trusts an entry only while that endpoint's mapping still names the port
+/// (`mapping::endpoint_at`); the port search, only while it is recent (`port_free_for`). LRU,
+/// sized like `MAPPINGS`.
 #[map]
-pub static MAPPING_PORTS: LruHashMap<MappingPortKey, MappingKey> =
+pub static MAPPING_PORTS: LruHashMap<MappingPortKey, MappingPortEntry> =
     LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
 
 /// Slot 0: the `lan_hairpin` program, which `lan_ingress` tail-calls for packets to an uplink
