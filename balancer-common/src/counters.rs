@@ -25,5 +25,14 @@ pub const COUNTER_PORT_TAKEOVERS: u32 = 5;
 /// New flows of an endpoint with a mapping that could not have the mapping's port (another
 /// flow to the same destination holds it): they got another port.
 pub const COUNTER_MAPPING_COLLISIONS: u32 = 6;
+/// Unsolicited flows created by endpoint-independent filtering: a remote's packet to a LAN
+/// endpoint's mapping that no flow answered.
+pub const COUNTER_UNSOLICITED_ADMITTED: u32 = 7;
+/// Packets from one LAN client to another's mapping on an uplink address, translated both ways
+/// at LAN ingress and sent back to the LAN (hairpinning, RFC 4787 REQ-9).
+pub const COUNTER_HAIRPINNED: u32 = 8;
+/// Unsolicited datagrams endpoint-independent filtering turned away because their LAN endpoint
+/// already had `UNSOLICITED_FLOWS_PER_SECOND` new unsolicited flows this second.
+pub const COUNTER_UNSOLICITED_REFUSED: u32 = 9;
 /// Number of slots; the map is declared with exactly this many entries.
-pub const COUNTERS_LEN: u32 = 7;
+pub const COUNTERS_LEN: u32 = 10;

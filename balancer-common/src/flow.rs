@@ -8,6 +8,13 @@
 pub const PROTOCOL_ICMP: u8 = 1;
 pub const PROTOCOL_TCP: u8 = 6;
 pub const PROTOCOL_UDP: u8 = 17;
+/// `FlowKey::protocol` / `ReverseKey::protocol` of a hairpinned UDP flow (a LAN client to
+/// another's mapping on an uplink address): UDP with the top bit set, a value no packet of
+/// an ordinary flow carries, so hairpin flows never meet ordinary ones in the tables and an
+/// ordinary flow's lookup never finds one.
+pub const PROTOCOL_UDP_HAIRPIN: u8 = PROTOCOL_UDP | PROTOCOL_HAIRPIN_BIT;
+/// The bit that marks a hairpin flow's protocol.
+pub const PROTOCOL_HAIRPIN_BIT: u8 = 0x80;
 
 /// A flow as the LAN client sent it. Key of `FLOWS`.
 ///
@@ -122,6 +129,9 @@ pub struct ReverseEntry {
 /// `ReverseEntry::flags`: the flow has been answered and `FLOWS` knows it, so ordinary replies
 /// need not touch `FLOWS`.
 pub const REVERSE_FLAG_ANSWERED: u8 = 1 << 0;
+/// `ReverseEntry::flags`: the flow is unsolicited (`FLOW_FLAG_UNSOLICITED`): the remote's
+/// packets do not promote it, only the client's answer does.
+pub const REVERSE_FLAG_UNSOLICITED: u8 = 1 << 1;
 
 /// `FlowEntry::state`: where a flow is in its life, which decides its timeout.
 pub const FLOW_STATE_NEW: u8 = 0;
@@ -141,6 +151,10 @@ pub const FLOW_FLAG_RESET: u8 = 1 << 3;
 /// The flow was put on its uplink by a `DESTINATIONS` entry (a modem's own subnet), not by the
 /// schedule: it stays on that uplink even while the uplink takes no new balanced flows.
 pub const FLOW_FLAG_FORCED: u8 = 1 << 4;
+/// The flow was created by a remote's packet to a LAN endpoint's mapping (endpoint-independent
+/// filtering), not by the client: it stays in the pending pair, where a flood can only evict
+/// its like, until the client answers.
+pub const FLOW_FLAG_UNSOLICITED: u8 = 1 << 5;
 
 /// What the data plane knows about one flow. Value of `FLOWS`.
 ///
@@ -281,7 +295,48 @@ pub struct MappingEntry {
     pub _pad: [u8; 3],
 }
 
+/// A translated UDP port on one uplink address. Key of `MAPPING_PORTS`, whose value is the
+/// [`MappingKey`] of the endpoint mapped there: with endpoint-independent filtering a port
+/// serves one endpoint per uplink and protocol, and a packet from anywhere to it finds that
+/// endpoint here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MappingPortKey {
+    /// Network order, as in the packet.
+    pub uplink_addr: u32,
+    /// Network order.
+    pub nat_port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// A port the gateway itself listens on, or the host's firewall forwards (DNAT), with its
+/// protocol. Key of `RESERVED_PORTS`: such a port is never a translated port, so the replies of
+/// LAN clients' flows can never be confused with packets for the gateway's own service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReservedPortKey {
+    /// Network order.
+    pub port: u16,
+    /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of `MAPPING_PORTS`: the endpoint mapped at a port, and when a flow of it last took
+/// that mapping, so the port search can tell a live holder in one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingPortEntry {
+    pub endpoint: MappingKey,
+    /// `MappingEntry::last_flow_ns` as written with it.
+    pub last_flow_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<MappingPortEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<ReservedPortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<MappingKey>() == 8);
+const _: () = assert!(core::mem::size_of::<MappingPortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<MappingEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<InboundKey>() == 8);
@@ -315,6 +370,12 @@ mod pod {
     unsafe impl aya::Pod for super::MappingKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MappingEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MappingPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReservedPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MappingPortEntry {}
 }
 
 #[cfg(test)]

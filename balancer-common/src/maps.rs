@@ -2,7 +2,7 @@
 
 /// Bumped whenever a map's key, value or size changes meaning: pins live under a directory
 /// named after it, so a new layout never silently reuses an old map.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 pub const FLOWS: &str = "FLOWS";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
@@ -21,6 +21,11 @@ pub const FRAGMENTS: &str = "FRAGMENTS";
 pub const INBOUND: &str = "INBOUND";
 pub const MAPPINGS: &str = "MAPPINGS";
 pub const FORWARDED_UDP_PORTS: &str = "FORWARDED_UDP_PORTS";
+pub const MAPPING_PORTS: &str = "MAPPING_PORTS";
+pub const RESERVED_PORTS: &str = "RESERVED_PORTS";
+pub const UNSOLICITED_BUDGET: &str = "UNSOLICITED_BUDGET";
+/// The program array `lan_ingress` tail-calls for hairpinning (slot 0: `lan_hairpin`).
+pub const HAIRPIN: &str = "HAIRPIN";
 
 /// Default capacity of `FLOWS`, `NAT_REVERSE` and the pending pair; user space may set another
 /// at load time.
@@ -41,8 +46,18 @@ pub const MAPPING_ENTRIES: u32 = 65_536;
 /// Capacity of `FORWARDED_UDP_PORTS`: every port, so any set of forwards fits.
 pub const FORWARDED_UDP_PORT_ENTRIES: u32 = 65_536;
 
+/// New unsolicited flows (endpoint-independent filtering) one LAN endpoint may get per second:
+/// plenty for peers reaching a game console, and a bound on how fast an inbound flood toward
+/// one mapping can churn the pending table that other hosts' new flows share.
+pub const UNSOLICITED_FLOWS_PER_SECOND: u32 = 64;
+
+/// Capacity of `RESERVED_PORTS`: every TCP and UDP port.
+pub const RESERVED_PORT_ENTRIES: u32 = 2 * 65_536;
+
 /// Program names (the function names of the classifiers).
 pub const PROGRAM_LAN_INGRESS: &str = "lan_ingress";
+/// Tail-called by `lan_ingress`, never attached.
+pub const PROGRAM_LAN_HAIRPIN: &str = "lan_hairpin";
 pub const PROGRAM_UPLINK_EGRESS: &str = "uplink_egress";
 pub const PROGRAM_UPLINK_INGRESS: &str = "uplink_ingress";
 /// The uplink programs built for interfaces without a link-layer header (raw IP: PPP, LTE, TUN).

@@ -8,7 +8,7 @@ use crate::{
     flow::{
         FLOW_FLAG_ANSWERED, FLOW_FLAG_CLIENT_FIN, FLOW_FLAG_FORCED, FLOW_FLAG_REMOTE_FIN,
         FLOW_FLAG_RESET, FLOW_STATE_CLOSED, FLOW_STATE_CLOSING, FLOW_STATE_ESTABLISHED,
-        FLOW_STATE_NEW, FlowEntry, PROTOCOL_TCP, PROTOCOL_UDP, WSCALE_NONE,
+        FLOW_STATE_NEW, FlowEntry, PROTOCOL_TCP, PROTOCOL_UDP, PROTOCOL_UDP_HAIRPIN, WSCALE_NONE,
     },
     uplink::{MARK_MASK, Settings},
 };
@@ -57,6 +57,7 @@ pub fn flow_timeout_ns(entry: &FlowEntry, protocol: u8, settings: &Settings) -> 
             ),
         },
         PROTOCOL_UDP => or_default(settings.udp_timeout_ns, DEFAULT_UDP_TIMEOUT_NS),
+        PROTOCOL_UDP_HAIRPIN => or_default(settings.udp_timeout_ns, DEFAULT_UDP_TIMEOUT_NS),
         // ICMP echo, and anything else that ever ends up in the table.
         _ => or_default(settings.icmp_timeout_ns, DEFAULT_ICMP_TIMEOUT_NS),
     }

@@ -47,6 +47,9 @@ pub struct ScheduleLength {
 /// network order): what LAN ingress does with packets to that destination.
 pub const DESTINATION_PASS: u32 = 0;
 // Values 1..=254 mean "send by this uplink id" (a modem's own subnet).
+/// `DESTINATION_UPLINK_ADDRESS | id`: uplink `id`'s own address. Passed like
+/// `DESTINATION_PASS`, except that a packet to a LAN endpoint's mapping there is hairpinned.
+pub const DESTINATION_UPLINK_ADDRESS: u32 = 0x100;
 
 /// The LPM trie's capacity: LAN networks, gateway addresses and uplink subnets.
 pub const DESTINATION_ENTRIES: u32 = 1024;
@@ -73,8 +76,17 @@ pub struct Settings {
     /// headed for the internet, is dropped and counted. 0: it is passed untouched (a LAN with
     /// public addresses; also programs attached before anything configured them).
     pub drop_untranslated: u8,
-    pub _pad: [u8; 7],
+    /// `FILTERING_*`: which unsolicited packets to a LAN endpoint's translated port reach it.
+    pub filtering: u8,
+    pub _pad: [u8; 6],
 }
+
+/// `Settings::filtering`: a packet from the internet reaches a LAN endpoint only from an
+/// address and port the endpoint sent to (RFC 4787 REQ-8's default, "port restricted cone").
+pub const FILTERING_ADDRESS_AND_PORT_DEPENDENT: u8 = 0;
+/// `Settings::filtering`: any remote may send UDP to a LAN endpoint's live mapping ("full
+/// cone"); such a packet creates an unsolicited flow, pending until the endpoint answers.
+pub const FILTERING_ENDPOINT_INDEPENDENT: u8 = 1;
 
 const _: () = assert!(core::mem::size_of::<UplinkInfo>() == 20);
 const _: () = assert!(core::mem::size_of::<Settings>() == 56);

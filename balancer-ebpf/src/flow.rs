@@ -1,7 +1,8 @@
 //! The flow table: finding a live flow, creating one as a forward/reverse pair (after
 //! Cilium's `bpf/lib/nat.h`: the reverse entry reserves the translated port, the forward entry
 //! publishes the flow, and a failed second insert removes the first, so no half flow remains),
-//! and promoting it on its first answer.
+//! and promoting it on its first answer. Unsolicited flows (endpoint-independent filtering)
+//! are created by a remote's packet and promoted only by the client's answer.
 //!
 //! Two tables of pairs: a new flow goes into the pending pair (`PENDING_FLOWS`,
 //! `PENDING_REVERSE`, LRU maps), and its first answer moves it into the main pair (`FLOWS`,
@@ -9,15 +10,13 @@
 //! ever evicts unanswered flows, and an established flow's packets find it with the same one
 //! lookup as before. A translated port is free only when neither reverse map holds it.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::bpf_get_prandom_u32,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use balancer_common::{
     counters::{COUNTER_HALVES_REMOVED, COUNTER_PORT_TAKEOVERS, COUNTER_PROMOTIONS_REFUSED},
     flow::{
-        FLOW_FLAG_FORCED, FLOW_STATE_NEW, FlowEntry, FlowKey, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED,
-        ReverseEntry, ReverseKey, WSCALE_NONE,
+        FLOW_FLAG_FORCED, FLOW_FLAG_UNSOLICITED, FLOW_STATE_NEW, FlowEntry, FlowKey, MappingKey,
+        PROTOCOL_HAIRPIN_BIT, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, REVERSE_FLAG_UNSOLICITED,
+        ReservedPortKey, ReverseEntry, ReverseKey, WSCALE_NONE,
     },
     policy::{flow_expired, flow_expired_with_replies, flow_over, nat_port_range},
     stats::{
@@ -27,8 +26,12 @@ use balancer_common::{
     uplink::{Settings, UplinkInfo},
 };
 
-use crate::maps::{
-    FLOWS, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE, UPLINKS, bump, bump_uplink,
+use crate::{
+    mapping,
+    maps::{
+        FLOWS, NAT_REVERSE, PENDING_FLOWS, PENDING_REVERSE, RESERVED_PORTS, UPLINKS, bump,
+        bump_uplink,
+    },
 };
 
 /// Translated ports tried per new flow before giving up: bounded for the verifier and for
@@ -120,9 +123,17 @@ pub fn find(key: &FlowKey, settings: &Settings, now_ns: u64) -> Found {
     };
     // A pending flow whose reverse half the LRU evicted would never see its replies: it is
     // replaced, which removes it.
-    if live && pending && !owns(&reverse, key) {
-        bump(COUNTER_HALVES_REMOVED, 1);
-        live = false;
+    if live && pending {
+        if !owns(&reverse, key) {
+            bump(COUNTER_HALVES_REMOVED, 1);
+            live = false;
+        } else if e.flags & FLOW_FLAG_UNSOLICITED != 0 && promote(&reverse, true).is_some() {
+            // The client answers a flow a remote started (endpoint-independent filtering): it
+            // is answered now, and moves to the main pair like any other.
+            if let Some(promoted) = FLOWS.get_ptr_mut(key) {
+                return Found::Live(promoted);
+            }
+        }
     }
     if live {
         Found::Live(entry)
@@ -165,7 +176,8 @@ pub struct ClientSyn {
 /// Creates flow `key` on uplink `id`, replacing `stale` if given, and returns the mark and
 /// translated port (network order) of the flow that ended up in the table (another CPU may
 /// have created the same flow first). `preferred_port` (network order: the endpoint's
-/// mapping) is tried first, else the client's own port.
+/// mapping) is tried first, else the client's own port. With `exclusive` (endpoint-independent
+/// filtering) a port another endpoint's live mapping holds is not free.
 /// `Err(DROP_NAT_EXHAUSTED)` when no translated port is free.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -176,6 +188,7 @@ pub fn create(
     forced: bool,
     stale: Option<ReverseKey>,
     preferred_port: Option<u16>,
+    exclusive: Option<&MappingKey>,
     syn: ClientSyn,
     settings: &Settings,
     now_ns: u64,
@@ -233,6 +246,17 @@ pub fn create(
                 }
             },
         };
+        let free = free
+            && !is_reserved(key.protocol, reverse.nat_port)
+            && exclusive.is_none_or(|endpoint| {
+                mapping::port_free_for(
+                    endpoint,
+                    reverse.uplink_addr,
+                    reverse.nat_port,
+                    settings,
+                    now_ns,
+                )
+            });
         if free
             && PENDING_REVERSE
                 .insert(&reverse, &reverse_entry, u64::from(BPF_NOEXIST))
@@ -288,6 +312,90 @@ pub fn create(
         bump_uplink(id, UPLINK_TCP_NEW_FLOWS, 1);
     }
     Ok((entry.mark, entry.nat_port))
+}
+
+/// Whether `port` (network order) is one the gateway listens on or forwards for `protocol`
+/// (a hairpin flow's protocol counts as UDP): never a translated port.
+#[inline(always)]
+pub fn is_reserved(protocol: u8, port: u16) -> bool {
+    let key = ReservedPortKey {
+        port,
+        protocol: protocol & !PROTOCOL_HAIRPIN_BIT,
+        _pad: 0,
+    };
+    // SAFETY: the value is a plain u8 and only its presence is used.
+    unsafe { RESERVED_PORTS.get(&key) }.is_some()
+}
+
+/// Creates flow `key` on uplink `id` with the translated port `reverse` names, in the pending
+/// pair, without a port search: for a remote's packet to a LAN endpoint's mapping
+/// (endpoint-independent filtering: `unsolicited`, the mapping holds the port already) and for
+/// a hairpinned sender (its mapping's port). Returns the reverse entry; `None` when the client
+/// has a flow with that key already, the port is taken, or the insert lost a race.
+#[inline(always)]
+pub fn create_at(
+    key: &FlowKey,
+    reverse: &ReverseKey,
+    id: u32,
+    uplink: &UplinkInfo,
+    unsolicited: bool,
+    now_ns: u64,
+) -> Option<*mut ReverseEntry> {
+    if lookup(key).is_some() || NAT_REVERSE.get_ptr(reverse).is_some() {
+        return None;
+    }
+    let reverse_entry = ReverseEntry {
+        flow: *key,
+        last_reply_ns: now_ns,
+        mark: uplink.mark,
+        uplink_id: id as u8,
+        flags: if unsolicited {
+            REVERSE_FLAG_UNSOLICITED
+        } else {
+            0
+        },
+        _pad: [0; 2],
+    };
+    PENDING_REVERSE
+        .insert(reverse, &reverse_entry, u64::from(BPF_NOEXIST))
+        .ok()?;
+    let entry = FlowEntry {
+        created_ns: now_ns,
+        last_seen_ns: now_ns,
+        uplink_addr: uplink.source_addr,
+        mark: uplink.mark,
+        uplink_generation: uplink.generation,
+        client_seq_next: 0,
+        remote_seq_next: 0,
+        nat_port: reverse.nat_port,
+        uplink_id: id as u8,
+        state: FLOW_STATE_NEW,
+        flags: if unsolicited {
+            FLOW_FLAG_UNSOLICITED
+        } else {
+            0
+        },
+        client_wscale: WSCALE_NONE,
+        remote_wscale: WSCALE_NONE,
+        _pad: 0,
+        client_window: 0,
+        remote_window: 0,
+    };
+    if PENDING_FLOWS
+        .insert(key, &entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        let _ = PENDING_REVERSE.remove(reverse);
+        return None;
+    }
+    bump_uplink(id, UPLINK_NEW_FLOWS, 1);
+    PENDING_REVERSE.get_ptr_mut(reverse)
+}
+
+/// Removes flow `key`, found stale with reverse key `reverse`, before it is created anew.
+#[inline(always)]
+pub fn release_stale(key: &FlowKey, reverse: &ReverseKey) {
+    release(key, reverse);
 }
 
 /// Frees the translated port `reverse` holds for flow `owner` if that is a TCP flow that is over (reset,
@@ -367,16 +475,17 @@ fn release(key: &FlowKey, reverse: &ReverseKey) {
 /// Moves the pending flow whose reply carries `reverse` into the main table on its first
 /// answer, and returns its reverse entry there (or in the pending table, where it stays when
 /// the main table is full). `None` when no flow owns `reverse`; a pending reverse entry left
-/// alone by the LRU is removed then.
+/// alone by the LRU is removed then. An unsolicited flow is answered by its client
+/// (`by_client`), never by more packets from its remote: those leave it pending.
 ///
 /// Order keeps every port held by one map at every moment: the main reverse entry is inserted
 /// first (`BPF_NOEXIST`: another CPU promoting the same flow wins or loses here), then the
 /// main flow entry, and only then the pending pair goes.
 #[inline(always)]
-pub fn promote(reverse: &ReverseKey) -> Option<*mut ReverseEntry> {
+pub fn promote(reverse: &ReverseKey, by_client: bool) -> Option<*mut ReverseEntry> {
     let pending = PENDING_REVERSE.get_ptr_mut(reverse)?;
     // SAFETY: a successful lookup returns a pointer to the value; copied out at once.
-    let value = unsafe { *pending };
+    let mut value = unsafe { *pending };
     let Some(entry) = PENDING_FLOWS.get_ptr(&value.flow) else {
         // Maybe promoted by another CPU a moment ago.
         if let Some(promoted) = NAT_REVERSE.get_ptr_mut(reverse) {
@@ -387,12 +496,20 @@ pub fn promote(reverse: &ReverseKey) -> Option<*mut ReverseEntry> {
         return None;
     };
     // SAFETY: as above.
-    let entry = unsafe { *entry };
+    let mut entry = unsafe { *entry };
     if entry.nat_port != reverse.nat_port || entry.uplink_addr != reverse.uplink_addr {
         // A half left behind by a replaced flow.
         let _ = PENDING_REVERSE.remove(reverse);
         bump(COUNTER_HALVES_REMOVED, 1);
         return None;
+    }
+    if value.flags & REVERSE_FLAG_UNSOLICITED != 0 {
+        if !by_client {
+            return Some(pending);
+        }
+        // Answered from now on: the remote's next packet records the answer in `FLOWS`.
+        value.flags = 0;
+        entry.flags &= !FLOW_FLAG_UNSOLICITED;
     }
     // Refused once (main table full): it stays pending rather than retrying on every reply.
     if value.flags & REVERSE_FLAG_ANSWERED != 0 {

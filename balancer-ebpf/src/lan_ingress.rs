@@ -8,7 +8,7 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use balancer_common::{
     counters::{COUNTER_BYTES, COUNTER_IPV4, COUNTER_PACKETS},
-    flow::{FlowEntry, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, WSCALE_NONE},
+    flow::{FlowEntry, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, PROTOCOL_UDP, WSCALE_NONE},
     policy::{
         TCP_ACK, TCP_RST, TCP_SYN, flow_after_packet, is_non_unicast_destination,
         is_unroutable_source, rst_in_window, scaled_window, steered_mark,
@@ -17,7 +17,10 @@ use balancer_common::{
         PASS_ICMP_OTHER, PASS_INBOUND_REPLY, PASS_LOCAL_DESTINATION, PASS_NO_UPLINK,
         PASS_NON_UNICAST, PASS_TCP_WITHOUT_FLOW, PASS_UNROUTABLE_SOURCE,
     },
-    uplink::{DESTINATION_PASS, SCHEDULE_SLOTS},
+    uplink::{
+        DESTINATION_PASS, DESTINATION_UPLINK_ADDRESS, FILTERING_ENDPOINT_INDEPENDENT,
+        SCHEDULE_SLOTS,
+    },
 };
 
 use crate::{
@@ -26,7 +29,9 @@ use crate::{
     fragments,
     headers::{ETH_HDR_LEN, ICMP_ECHO_REQUEST},
     icmp_error, inbound, mapping,
-    maps::{DESTINATIONS, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump},
+    maps::{
+        DESTINATIONS, HAIRPIN, SCHEDULE, SCHEDULE_CURSOR, SCHEDULE_LENGTH, SETTINGS, UPLINKS, bump,
+    },
     parse::{Ipv4, parse_ipv4, parse_l4},
     tcp_window, untranslated,
 };
@@ -139,6 +144,15 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
     // (user space removes the flows to a destination that becomes one).
     let forced = match DESTINATIONS.get(Key::new(32, packet.ip.dst)) {
         Some(&DESTINATION_PASS) => return Err(PASS_LOCAL_DESTINATION),
+        // An uplink's own address: another LAN endpoint's public mapping (`hairpin`), or the
+        // gateway. The tail call returns only while no hairpin program is installed.
+        Some(&value) if value & DESTINATION_UPLINK_ADDRESS != 0 => {
+            if protocol == PROTOCOL_UDP {
+                // SAFETY: the context is the one the kernel passed in.
+                unsafe { HAIRPIN.tail_call(ctx, 0) };
+            }
+            return Err(PASS_LOCAL_DESTINATION);
+        }
         Some(&id) => Some(id),
         None => None,
     };
@@ -185,6 +199,16 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
             wscale: WSCALE_NONE,
         }
     };
+    // Endpoint-independent filtering lets anyone reach a UDP mapping: its port must serve one
+    // endpoint only.
+    let exclusive = match (&endpoint, forced) {
+        (Some(endpoint), None)
+            if protocol == PROTOCOL_UDP && settings.filtering == FILTERING_ENDPOINT_INDEPENDENT =>
+        {
+            Some(endpoint)
+        }
+        _ => None,
+    };
     let (mark, nat_port) = flow::create(
         &key,
         id,
@@ -192,13 +216,24 @@ fn steer(ctx: &TcContext, ip: Ipv4) -> Result<(), u32> {
         forced.is_some(),
         stale,
         mapped.map(|m| m.nat_port),
+        exclusive,
         syn,
         settings,
         now,
     )?;
     // A forced destination (a modem's admin page) says nothing about the endpoint's mapping.
     if let (Some(endpoint), None) = (&endpoint, forced) {
-        mapping::record(endpoint, &key, mapped, id, uplink.generation, nat_port, now);
+        mapping::record(
+            endpoint,
+            &key,
+            mapped,
+            id,
+            uplink.generation,
+            uplink.source_addr,
+            nat_port,
+            settings,
+            now,
+        );
     }
     fragments::remember(&packet.ip, uplink.source_addr, mark, id as u8);
     set_mark(ctx, mark);

@@ -8,8 +8,10 @@
 #![allow(internal_features)]
 
 mod clock;
+mod filtering;
 mod flow;
 mod fragments;
+mod hairpin;
 mod headers;
 mod icmp_error;
 mod inbound;
@@ -35,6 +37,12 @@ use headers::{ETH_HDR_LEN, RAW_IP_HDR_LEN};
 #[classifier]
 pub fn lan_ingress(ctx: TcContext) -> i32 {
     verdict::action(lan_ingress::try_lan_ingress(&ctx))
+}
+
+/// LAN-side hairpinning, tail-called by `lan_ingress` for UDP to an uplink's address.
+#[classifier]
+pub fn lan_hairpin(ctx: TcContext) -> i32 {
+    verdict::action(hairpin::try_lan_hairpin(&ctx))
 }
 
 // The uplink programs exist twice, built over a constant link-layer header length: user space

@@ -4,17 +4,17 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use balancer_common::{
     counters::COUNTERS_LEN,
     flow::{
         FlowEntry, FlowKey, FragmentEntry, FragmentKey, InboundEntry, InboundKey, MappingEntry,
-        MappingKey, ReverseEntry, ReverseKey,
+        MappingKey, MappingPortEntry, MappingPortKey, ReservedPortKey, ReverseEntry, ReverseKey,
     },
     maps::{
         DEFAULT_FLOW_ENTRIES, FORWARDED_UDP_PORT_ENTRIES, FRAGMENT_ENTRIES, INBOUND_ENTRIES,
-        MAPPING_ENTRIES,
+        MAPPING_ENTRIES, RESERVED_PORT_ENTRIES,
     },
     stats::{REASONS_LEN, UPLINK_COUNTER_FIELDS, UPLINK_COUNTERS_LEN},
     uplink::{
@@ -75,10 +75,39 @@ pub static INBOUND: LruHashMap<InboundKey, InboundEntry> =
 pub static FORWARDED_UDP_PORTS: HashMap<u16, u8> =
     HashMap::with_max_entries(FORWARDED_UDP_PORT_ENTRIES, 0);
 
+/// LAN endpoints -> their unsolicited-flow budget this second: the second (coarse clock, in
+/// seconds) in the high 32 bits, the flows admitted in it in the low 32 (`filtering::admit`).
+#[map]
+pub static UNSOLICITED_BUDGET: LruHashMap<MappingKey, u64> =
+    LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
+
+/// Ports the gateway listens on (TCP listeners, bound UDP sockets on any or an uplink address)
+/// or the host's nftables DNAT forwards, within the NAT range, as the daemon read them; the
+/// value is unused. The port search never picks one (`flow::create`).
+#[map]
+pub static RESERVED_PORTS: HashMap<ReservedPortKey, u8> =
+    HashMap::with_max_entries(RESERVED_PORT_ENTRIES, 0);
+
 /// LAN endpoints -> the uplink and translated port all their flows get (`mapping`).
 #[map]
 pub static MAPPINGS: LruHashMap<MappingKey, MappingEntry> =
     LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
+
+/// Translated UDP ports on uplink addresses -> the LAN endpoint mapped there and when, written
+/// with the mapping under endpoint-independent filtering (`mapping::record`). A packet from
+/// the internet trusts an entry only while that endpoint's mapping still names the port
+/// (`mapping::endpoint_at`); the port search, only while it is recent (`port_free_for`). LRU,
+/// sized like `MAPPINGS`.
+#[map]
+pub static MAPPING_PORTS: LruHashMap<MappingPortKey, MappingPortEntry> =
+    LruHashMap::with_max_entries(MAPPING_ENTRIES, 0);
+
+/// Slot 0: the `lan_hairpin` program, which `lan_ingress` tail-calls for packets to an uplink
+/// address. A program of its own so that the verifier checks it apart from `lan_ingress`'s
+/// port search (together they pass its budget). Filled by the daemon when it loads the
+/// programs and not pinned: while no daemon runs, such packets go to the gateway's stack.
+#[map]
+pub static HAIRPIN: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map]
 pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(UPLINK_SLOTS, 0);

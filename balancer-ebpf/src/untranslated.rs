@@ -5,7 +5,10 @@
 //! and office destinations pass.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use balancer_common::{stats::untranslated_drop, uplink::DESTINATION_PASS};
+use balancer_common::{
+    stats::untranslated_drop,
+    uplink::{DESTINATION_PASS, DESTINATION_UPLINK_ADDRESS},
+};
 
 use crate::maps::{DESTINATIONS, SETTINGS};
 
@@ -16,8 +19,10 @@ pub fn verdict(dst: u32, reason: u32) -> u32 {
     let Some(drop) = untranslated_drop(reason) else {
         return reason;
     };
-    if let Some(&DESTINATION_PASS) = DESTINATIONS.get(Key::new(32, dst)) {
-        return reason;
+    match DESTINATIONS.get(Key::new(32, dst)) {
+        Some(&DESTINATION_PASS) => return reason,
+        Some(&value) if value & DESTINATION_UPLINK_ADDRESS != 0 => return reason,
+        _ => {}
     }
     if SETTINGS.get(0).is_some_and(|s| s.drop_untranslated == 1) {
         return drop;

@@ -8,7 +8,8 @@
 use aya_ebpf::programs::TcContext;
 use balancer_common::{
     flow::{
-        FLOW_FLAG_ANSWERED, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED, ReverseKey,
+        FLOW_FLAG_ANSWERED, FlowKey, PROTOCOL_ICMP, PROTOCOL_TCP, REVERSE_FLAG_ANSWERED,
+        REVERSE_FLAG_UNSOLICITED, ReverseKey,
     },
     policy::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, flow_after_packet, rst_in_window, scaled_window},
     stats::{
@@ -18,7 +19,7 @@ use balancer_common::{
 };
 
 use crate::{
-    clock, flow, fragments,
+    clock, filtering, flow, fragments,
     headers::ICMP_ECHO_REPLY,
     icmp_error, inbound,
     lan_ingress::set_mark,
@@ -102,12 +103,19 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
     // flow, which moves it into the main table.
     let found = match NAT_REVERSE.get_ptr_mut(&reverse) {
         Some(value) => Some(value),
-        None => flow::promote(&reverse),
+        None => flow::promote(&reverse, false),
+    };
+    let found = match found {
+        Some(value) => Some(value),
+        None => {
+            if own_socket::answers(ctx, &packet) {
+                return Err(OWN_REPLY);
+            }
+            // A packet from anywhere to a LAN endpoint's mapping, if the filtering lets it in.
+            filtering::admit(&reverse)
+        }
     };
     let Some(value) = found else {
-        if own_socket::answers(ctx, &packet) {
-            return Err(OWN_REPLY);
-        }
         // Not one of our flows nor the gateway's own connection: a connection from outside.
         inbound::arrived(ctx, &packet);
         return Err(PASS_NOT_TRANSLATED);
@@ -125,6 +133,13 @@ fn translate<const L2: usize>(ctx: &TcContext) -> Result<Option<u8>, u32> {
     let changes_state =
         protocol == PROTOCOL_TCP && packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0;
     if value.flags & REVERSE_FLAG_ANSWERED == 0 || changes_state {
+        if value.flags & REVERSE_FLAG_UNSOLICITED != 0 {
+            // Not an answer to anything: translated to the client, counted as unsolicited,
+            // and the flow stays pending until the client answers.
+            rewrite(ctx, &packet, Side::Destination, client_addr, client_port)?;
+            set_mark(ctx, mark);
+            return Ok(None);
+        }
         let flow = value.flow;
         if !update_flow(ctx, &flow, &reverse, &packet, now) {
             return Err(PASS_NOT_TRANSLATED);

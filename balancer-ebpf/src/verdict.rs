@@ -5,7 +5,7 @@
 //! `balancer_common::stats` reason otherwise; the reason is counted here and decides between
 //! passing untouched and dropping.
 
-use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use aya_ebpf::bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use balancer_common::stats::is_drop;
 
 use crate::maps::bump_reason;
@@ -23,18 +23,18 @@ pub const PASS: i32 = TC_ACT_UNSPEC;
 /// fails to understand.
 pub const DROP: i32 = TC_ACT_SHOT as i32;
 
+/// Not a reason: the program redirected the packet (`hairpin`), and tc must be told so.
+pub const REDIRECTED: u32 = u32::MAX - 1;
+
 /// The tc action for a program's result.
 #[inline(always)]
 pub fn action(result: Result<(), u32>) -> i32 {
     match result {
         Ok(()) => PASS,
+        Err(REDIRECTED) => TC_ACT_REDIRECT as i32,
         Err(reason) => {
             bump_reason(reason);
-            if is_drop(reason) {
-                DROP
-            } else {
-                PASS
-            }
+            if is_drop(reason) { DROP } else { PASS }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The `balancer` command line: parses arguments and calls the library; each subcommand prints
 //! what it did or found. Errors come back to `main`, which prints them with their causes.
 
+use balancer_common::flow::{PROTOCOL_TCP, PROTOCOL_UDP};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -117,6 +118,7 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
         error,
     })?;
     println!("{}: OK, {} uplink(s)", path.display(), config.uplinks.len());
+    println!("  {}", nat_summary(&config));
     for uplink in config.uplinks.iter().filter(|u| u.track.is_empty()) {
         // Probing only the modem cannot see a dead line behind it; without targets, only
         // carrier loss takes an uplink out of the rotation.
@@ -134,6 +136,7 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
     }
     warn_about_source_nat(&config);
     let states = crate::uplink::resolve(&config, &observed, &[]);
+    warn_about_reserved_ports(&config, &states);
     for (uplink, state) in config.uplinks.iter().zip(&states) {
         let source = state.source.map_or("?".into(), |a| a.to_string());
         let via = match (state.gateway, state.routable || state.source.is_some()) {
@@ -160,6 +163,71 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The NAT behaviour the data plane is configured for, one line for `check` and `plan`.
+fn nat_summary(config: &Config) -> String {
+    let data = &config.dataplane;
+    if !data.enabled {
+        return "data plane: off".into();
+    }
+    format!(
+        "data plane: NAT ports {}-{}, endpoint-independent mapping, filtering {}",
+        data.nat_port_min,
+        data.nat_port_max,
+        data.filtering.name()
+    )
+}
+
+/// Lists the ports inside the NAT range that the gateway listens on (on any or an uplink
+/// address) or the host forwards (`host_ports`): `run` never maps them.
+fn warn_about_reserved_ports(config: &Config, states: &[crate::uplink::UplinkState]) {
+    let data = &config.dataplane;
+    if !data.enabled {
+        return;
+    }
+    let (min, max) = (data.nat_port_min, data.nat_port_max);
+    let uplink_addrs: Vec<std::net::Ipv4Addr> = states.iter().filter_map(|s| s.source).collect();
+    let ports = crate::host_ports::HostPortsReader::default().read();
+    let keeps = "`run` keeps it out of the mappings (a LAN client using it as its source port gets another translated port)";
+    let name = |protocol| {
+        if protocol == PROTOCOL_TCP {
+            "tcp"
+        } else {
+            "udp"
+        }
+    };
+    for listener in &ports.listeners {
+        let reachable = listener
+            .addr
+            .is_none_or(|addr| uplink_addrs.contains(&addr));
+        if !reachable || !(min..=max).contains(&listener.port) {
+            continue;
+        }
+        let addr = listener
+            .addr
+            .map_or("every address".into(), |a| a.to_string());
+        let owner = crate::host_ports::socket_owner(listener.inode)
+            .map(|comm| format!(" (process {comm})"))
+            .unwrap_or_default();
+        eprintln!(
+            "warning: {} port {} is in the NAT range {min}-{max}: a socket listens on it on {addr}{owner}; {keeps}",
+            name(listener.protocol),
+            listener.port
+        );
+    }
+    let forwarded = [
+        (PROTOCOL_UDP, &ports.forwards.udp),
+        (PROTOCOL_TCP, &ports.forwards.tcp),
+    ];
+    for (protocol, set) in forwarded {
+        for port in set.iter().filter(|port| (min..=max).contains(*port)) {
+            eprintln!(
+                "warning: {} port {port} is in the NAT range {min}-{max}: the host's nftables DNAT forwards it; {keeps}",
+                name(protocol)
+            );
+        }
+    }
 }
 
 /// Warns about the host firewall's source NAT on an uplink (`firewall`).
@@ -198,6 +266,7 @@ async fn show_plan(path: &std::path::Path) -> anyhow::Result<()> {
             error,
         }
     })?;
+    println!("# {}", nat_summary(&config));
     if operations.is_empty() {
         println!(
             "# nothing to change: the kernel already matches {}",

@@ -138,6 +138,41 @@ pub struct Dataplane {
     pub tcp_closing_timeout: u32,
     pub udp_timeout: u32,
     pub icmp_timeout: u32,
+    /// Which unsolicited packets reach a LAN endpoint's mapping (RFC 4787 REQ-8).
+    pub filtering: Filtering,
+}
+
+/// `[dataplane] filtering`: who may send to a LAN endpoint's public mapping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filtering {
+    /// Only remotes the endpoint sent to, from the port it sent to (the default).
+    #[default]
+    AddressAndPortDependent,
+    /// Anyone, over UDP ("full cone", for game consoles and peer-to-peer).
+    EndpointIndependent,
+}
+
+impl Filtering {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Filtering::AddressAndPortDependent => "address-and-port-dependent",
+            Filtering::EndpointIndependent => "endpoint-independent",
+        }
+    }
+
+    /// `Settings::filtering` for the data plane.
+    pub fn setting(self) -> u8 {
+        match self {
+            Filtering::AddressAndPortDependent => {
+                balancer_common::uplink::FILTERING_ADDRESS_AND_PORT_DEPENDENT
+            }
+            Filtering::EndpointIndependent => {
+                balancer_common::uplink::FILTERING_ENDPOINT_INDEPENDENT
+            }
+        }
+    }
 }
 
 impl Default for Dataplane {
@@ -155,6 +190,7 @@ impl Default for Dataplane {
             // RFC 4787: at least 2 minutes for UDP.
             udp_timeout: 120,
             icmp_timeout: 30,
+            filtering: Filtering::default(),
         }
     }
 }

@@ -110,8 +110,8 @@ struct Daemon {
     traffic: health::liveness::TrafficWatch,
     /// When a dead uplink's connections are given up, for the data plane and the proxy alike.
     releases: health::release::ReleaseClock,
-    /// Reads the UDP ports the host's firewall forwards, each pass.
-    forwards: crate::firewall::ForwardedUdpReader,
+    /// Reads the ports the gateway listens on and the host's firewall forwards.
+    forwards: crate::host_ports::HostPortsReader,
 }
 
 /// What one reconcile pass could not do, per uplink (None: what no uplink owns).
@@ -174,9 +174,11 @@ impl Daemon {
             refused.push(operation);
         }
         applied.extend(owned.into_iter().filter(|op| !refused.contains(op)));
-        let forwarded_udp = self.forwards.read();
+        let host_ports = self.forwards.read();
         if let Some(dataplane) = &mut self.dataplane {
-            if let Err(error) = dataplane.write_forwarded_udp_ports(&forwarded_udp) {
+            if let Err(error) =
+                dataplane.write_host_ports(&host_ports, &self.config, &desired.uplinks)
+            {
                 failures.push((None, format!("the data plane: {}", error_chain(&error))));
             }
             let wanted = dataplane::desired::desired(&self.config, &observed, &desired.uplinks);

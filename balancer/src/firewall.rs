@@ -2,8 +2,9 @@
 //! iptables-nft's rules included) that can act on an uplink. Such a rule allocates its own
 //! ports on the uplink's address, which can collide with the data plane's NAT ports and send
 //! replies to the wrong client, so `check` warns about it. DNAT (port forwards) and filtering
-//! are the administrator's and fine; the UDP ports they forward are read for the data plane,
-//! which records unsolicited UDP as an inbound connection only on those ports.
+//! are the administrator's and fine; the ports they forward are read for the data plane, which
+//! records unsolicited UDP as an inbound connection only on those ports and never maps a
+//! forwarded port (`host_ports`).
 
 use std::{collections::BTreeSet, process::Command};
 
@@ -91,52 +92,21 @@ pub fn source_nat_on_uplinks(
     Ok(found)
 }
 
-/// The forwarded UDP ports, read again after [`ForwardedUdpReader::invalidate`] (the daemon's
-/// 30 s resync and SIGHUP) rather than on every reconcile pass, some of which come ten times a
-/// second; an unreadable ruleset is logged once, not every time.
-#[derive(Debug, Default)]
-pub struct ForwardedUdpReader {
-    ports: Option<BTreeSet<u16>>,
-    unreadable: bool,
+/// The ports the host's nftables DNAT forwards, by protocol.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwards {
+    pub udp: BTreeSet<u16>,
+    pub tcp: BTreeSet<u16>,
 }
 
-impl ForwardedUdpReader {
-    /// Makes the next [`ForwardedUdpReader::read`] run nft again.
-    pub fn invalidate(&mut self) {
-        self.ports = None;
-    }
-
-    /// The UDP ports the host's nftables forwards; none where nft is not installed. On failure
-    /// none either: then no unsolicited datagram can make a LAN client's own flows to its
-    /// source be taken for replies, and only UDP forwards' replies lose their uplink.
-    pub fn read(&mut self) -> BTreeSet<u16> {
-        if let Some(ports) = &self.ports {
-            return ports.clone();
-        }
-        let read = read_ruleset().and_then(|ruleset| {
-            ruleset.map_or(Ok(BTreeSet::new()), |ruleset| forwarded_udp_ports(&ruleset))
-        });
-        match read {
-            Ok(ports) => {
-                if self.unreadable {
-                    tracing::info!("the nftables ruleset is readable again");
-                }
-                self.unreadable = false;
-                self.ports = Some(ports.clone());
-                ports
-            }
-            Err(error) => {
-                if !self.unreadable {
-                    tracing::warn!(
-                        error = %crate::daemon::error_chain(&error),
-                        "cannot read the nftables ruleset; no UDP port forward is recorded until it can be"
-                    );
-                }
-                self.unreadable = true;
-                self.ports = Some(BTreeSet::new());
-                BTreeSet::new()
-            }
-        }
+/// The forwards of the host's nftables ruleset; none where nft is not installed.
+pub fn read_forwards() -> Result<Forwards, FirewallError> {
+    match read_ruleset()? {
+        Some(ruleset) => Ok(Forwards {
+            udp: forwarded_ports(&ruleset, "udp")?,
+            tcp: forwarded_ports(&ruleset, "tcp")?,
+        }),
+        None => Ok(Forwards::default()),
     }
 }
 
@@ -145,6 +115,12 @@ impl ForwardedUdpReader {
 /// `th dport` beside `meta l4proto udp`, on a port, a range, an anonymous set or a named set.
 /// A forward matched by a means not read here (e.g. iptables' `multiport`) is not found.
 pub fn forwarded_udp_ports(ruleset: &str) -> Result<BTreeSet<u16>, FirewallError> {
+    forwarded_ports(ruleset, "udp")
+}
+
+/// [`forwarded_udp_ports`] for `protocol` (`"udp"` or `"tcp"`).
+pub fn forwarded_ports(ruleset: &str, protocol: &str) -> Result<BTreeSet<u16>, FirewallError> {
+    let wanted = protocol;
     let value: Value = serde_json::from_str(ruleset).map_err(FirewallError::Parse)?;
     let items: Vec<&Value> = value["nftables"].as_array().into_iter().flatten().collect();
     let mut ports = BTreeSet::new();
@@ -157,7 +133,9 @@ pub fn forwarded_udp_ports(ruleset: &str) -> Result<BTreeSet<u16>, FirewallError
         if !expressions.iter().any(is_destination_nat) {
             continue;
         }
-        let udp_only = expressions.iter().any(matches_udp_protocol);
+        let protocol_only = expressions
+            .iter()
+            .any(|expression| matches_protocol(expression, wanted));
         for expression in &expressions {
             let Some(matching) = expression.get("match") else {
                 continue;
@@ -168,9 +146,9 @@ pub fn forwarded_udp_ports(ruleset: &str) -> Result<BTreeSet<u16>, FirewallError
             }
             let payload = &matching["left"]["payload"];
             let protocol = payload["protocol"].as_str().unwrap_or_default();
-            let is_udp_dport = payload["field"].as_str() == Some("dport")
-                && (protocol == "udp" || (protocol == "th" && udp_only));
-            if is_udp_dport {
+            let is_dport = payload["field"].as_str() == Some("dport")
+                && (protocol == wanted || (protocol == "th" && protocol_only));
+            if is_dport {
                 let right = &matching["right"];
                 match right.as_str().and_then(|name| name.strip_prefix('@')) {
                     Some(name) => {
@@ -194,15 +172,16 @@ fn is_destination_nat(expression: &Value) -> bool {
             .is_some_and(|name| name.eq_ignore_ascii_case("dnat"))
 }
 
-/// `meta l4proto udp` (or `ip protocol udp`).
-fn matches_udp_protocol(expression: &Value) -> bool {
+/// `meta l4proto <protocol>` (or `ip protocol <protocol>`), `protocol` being `udp` or `tcp`.
+fn matches_protocol(expression: &Value, protocol: &str) -> bool {
+    let number = if protocol == "tcp" { 6 } else { 17 };
     let matching = &expression["match"];
     let left = &matching["left"];
     let protocol_key = left["meta"]["key"].as_str() == Some("l4proto")
         || left["payload"]["field"].as_str() == Some("protocol");
     protocol_key && matching["op"].as_str().unwrap_or("==") == "==" && {
         let right = &matching["right"];
-        right.as_str() == Some("udp") || right.as_u64() == Some(17)
+        right.as_str() == Some(protocol) || right.as_u64() == Some(number)
     }
 }
 
@@ -408,6 +387,11 @@ mod tests {
         let ruleset = format!(
             r#"{{"nftables": [{{"metainfo": {{}}}}, {named}, {other_table}, {}]}}"#,
             rules.join(",")
+        );
+        // The TCP forward only (a `th dport` needs its protocol named).
+        assert_eq!(
+            forwarded_ports(&ruleset, "tcp").unwrap(),
+            BTreeSet::from([8080])
         );
         let found: Vec<u16> = forwarded_udp_ports(&ruleset).unwrap().into_iter().collect();
         assert_eq!(

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod firewall;
 pub mod health;
+pub mod host_ports;
 pub mod netlink;
 pub mod office;
 pub mod ownership;

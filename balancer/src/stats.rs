@@ -7,8 +7,9 @@ use std::{collections::BTreeMap, path::Path};
 use aya::maps::{Array, HashMap, PerCpuArray};
 use balancer_common::{
     counters::{
-        COUNTER_HALVES_REMOVED, COUNTER_MAPPING_COLLISIONS, COUNTER_PORT_TAKEOVERS,
-        COUNTER_PROMOTIONS_REFUSED, COUNTERS_MAP,
+        COUNTER_HAIRPINNED, COUNTER_HALVES_REMOVED, COUNTER_MAPPING_COLLISIONS,
+        COUNTER_PORT_TAKEOVERS, COUNTER_PROMOTIONS_REFUSED, COUNTER_UNSOLICITED_ADMITTED,
+        COUNTER_UNSOLICITED_REFUSED, COUNTERS_MAP,
     },
     flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps as names,
@@ -84,6 +85,15 @@ pub struct Stats {
     /// New flows of an endpoint with a mapping that got another port than the mapping's (their
     /// 5-tuple would have collided with another flow's).
     pub mapping_collisions: u64,
+    /// Unsolicited flows endpoint-independent filtering let in (a remote's datagram to a LAN
+    /// endpoint's mapping that no flow answered).
+    pub unsolicited_admitted: u64,
+    /// Unsolicited datagrams turned away: their LAN endpoint had its share of new unsolicited
+    /// flows this second.
+    pub unsolicited_refused: u64,
+    /// Packets from one LAN client to another's public mapping, translated and sent back to the
+    /// LAN (hairpinning).
+    pub hairpinned: u64,
     /// Packets passed untouched or dropped, by reason.
     pub reasons: BTreeMap<String, u64>,
 }
@@ -211,6 +221,9 @@ pub fn read(pins: &PinDir, state_dir: &Path) -> Result<Stats, StatsError> {
         promotions_refused: sum(&lan_counters, COUNTER_PROMOTIONS_REFUSED)?,
         port_takeovers: sum(&lan_counters, COUNTER_PORT_TAKEOVERS)?,
         mapping_collisions: sum(&lan_counters, COUNTER_MAPPING_COLLISIONS)?,
+        unsolicited_admitted: sum(&lan_counters, COUNTER_UNSOLICITED_ADMITTED)?,
+        unsolicited_refused: sum(&lan_counters, COUNTER_UNSOLICITED_REFUSED)?,
+        hairpinned: sum(&lan_counters, COUNTER_HAIRPINNED)?,
         reasons,
     })
 }
@@ -282,6 +295,10 @@ pub fn table(stats: &Stats) -> String {
     out.push_str(&format!(
         "evictions: {}, promotions refused (table full): {}, port takeovers: {}, mapping collisions: {}\n",
         stats.evictions, stats.promotions_refused, stats.port_takeovers, stats.mapping_collisions
+    ));
+    out.push_str(&format!(
+        "unsolicited flows admitted (endpoint-independent filtering): {}, refused (over 64/s for one endpoint): {}, hairpinned packets: {}\n",
+        stats.unsolicited_admitted, stats.unsolicited_refused, stats.hairpinned
     ));
     let noted: Vec<String> = stats
         .reasons

@@ -215,3 +215,29 @@ fn route_tables_and_pass_untranslated() {
     let error = error_of(&with("pass_untranslated = 1"));
     assert_eq!(error.line, Some(5), "{error}");
 }
+
+#[test]
+fn filtering_defaults_to_address_and_port_dependent_and_names_its_line_when_wrong() {
+    let defaults = Config::parse(GOOD).unwrap();
+    assert_eq!(
+        defaults.dataplane.filtering,
+        crate::config::Filtering::AddressAndPortDependent
+    );
+    let cone = Config::parse(&format!(
+        "{GOOD}\n[dataplane]\nfiltering = \"endpoint-independent\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        cone.dataplane.filtering,
+        crate::config::Filtering::EndpointIndependent
+    );
+    let text = format!("{GOOD}\n[dataplane]\nfiltering = \"full-cone\"\n");
+    let error = error_of(&text);
+    assert_eq!(error.key, "dataplane.filtering");
+    assert_eq!(error.line, Some(text.lines().count()));
+    assert!(
+        error.message.contains("endpoint-independent"),
+        "{}",
+        error.message
+    );
+}

@@ -9,7 +9,9 @@ use balancer_common::{
         PROGRAM_UPLINK_INGRESS, PROGRAM_UPLINK_INGRESS_RAW_IP,
     },
     policy::smooth_weighted_schedule,
-    uplink::{DESTINATION_ENTRIES, DESTINATION_PASS, SCHEDULE_SLOTS, Settings},
+    uplink::{
+        DESTINATION_ENTRIES, DESTINATION_PASS, DESTINATION_UPLINK_ADDRESS, SCHEDULE_SLOTS, Settings,
+    },
 };
 use ipnet::Ipv4Net;
 
@@ -106,6 +108,14 @@ pub fn desired(config: &Config, observed: &Observed, states: &[UplinkState]) -> 
                 direction,
             });
         }
+        // Its own address: passed to the gateway like its other addresses, but a LAN client's
+        // UDP to another's mapping there is hairpinned (the /32 wins over the subnet below).
+        if let Some(source) = state.source {
+            destinations.push((
+                Ipv4Net::from(source),
+                DESTINATION_UPLINK_ADDRESS | uplink.id,
+            ));
+        }
         // A modem's admin page sits in the uplink's own subnet (or is its peer): traffic there
         // must use that uplink. Two uplinks sharing a subnet cannot both own it; the first does.
         if let Some(connected) = state.connected
@@ -177,7 +187,8 @@ pub fn desired(config: &Config, observed: &Observed, states: &[UplinkState]) -> 
         udp_timeout_ns: seconds(data.udp_timeout),
         icmp_timeout_ns: seconds(data.icmp_timeout),
         drop_untranslated: u8::from(!config.lan.pass_untranslated),
-        _pad: [0; 7],
+        filtering: data.filtering.setting(),
+        _pad: [0; 6],
     };
     attachments.sort();
     // The trie's capacity; the first entries (uplink subnets, LAN, office routes) matter most.

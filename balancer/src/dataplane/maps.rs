@@ -16,7 +16,10 @@ use aya::{
 use balancer_common::{
     flow::{FlowEntry, FlowKey, ReverseEntry, ReverseKey},
     maps as names,
-    uplink::{DESTINATION_PASS, ScheduleLength, Settings, UPLINK_SLOTS, UplinkInfo},
+    uplink::{
+        DESTINATION_PASS, DESTINATION_UPLINK_ADDRESS, ScheduleLength, Settings, UPLINK_SLOTS,
+        UplinkInfo,
+    },
 };
 use ipnet::Ipv4Net;
 
@@ -361,6 +364,10 @@ fn contradicts(destinations: &[(Ipv4Net, u32)], remote: Ipv4Addr, uplink_id: u8)
         .map(|(_, action)| *action);
     match verdict {
         Some(DESTINATION_PASS) => true,
+        // An uplink's own address: only that uplink's hairpinned flows go there.
+        Some(value) if value & DESTINATION_UPLINK_ADDRESS != 0 => {
+            value & 0xff != u32::from(uplink_id)
+        }
         Some(id) => id != u32::from(uplink_id),
         None => false,
     }

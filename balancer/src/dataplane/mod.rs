@@ -172,11 +172,14 @@ pub struct Dataplane {
     lone_flows_seen: [HashSet<FlowKey>; 2],
     /// The forwarded UDP ports last written; an unchanged set writes nothing.
     forwarded_udp_written: Option<BTreeSet<u16>>,
+    /// The reserved ports last written; an unchanged set writes nothing.
+    reserved_written: Option<BTreeSet<(u8, u16)>>,
 }
 
 /// Every program in the object, in the order they are loaded.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 6] = [
     names::PROGRAM_LAN_INGRESS,
+    names::PROGRAM_LAN_HAIRPIN,
     names::PROGRAM_UPLINK_EGRESS,
     names::PROGRAM_UPLINK_INGRESS,
     names::PROGRAM_UPLINK_EGRESS_RAW_IP,
@@ -184,9 +187,12 @@ const PROGRAMS: [&str; 5] = [
 ];
 
 /// Every map user space pins and shares with the programs.
-const PINNED_MAPS: [&str; 17] = [
+const PINNED_MAPS: [&str; 20] = [
     names::FLOWS,
     names::MAPPINGS,
+    names::MAPPING_PORTS,
+    names::RESERVED_PORTS,
+    names::UNSOLICITED_BUDGET,
     names::PENDING_FLOWS,
     names::PENDING_REVERSE,
     names::INBOUND,
@@ -262,6 +268,7 @@ impl Dataplane {
                 .load()
                 .map_err(|error| load_error(program, error))?;
         }
+        install_hairpin(&mut ebpf)?;
         Ok(Self {
             ebpf,
             pins,
@@ -270,6 +277,7 @@ impl Dataplane {
             orphans_seen: Default::default(),
             lone_flows_seen: Default::default(),
             forwarded_udp_written: None,
+            reserved_written: None,
         })
     }
 
@@ -534,6 +542,26 @@ fn adopt_link(program: &mut SchedClassifier, path: &std::path::Path) -> Result<(
     let link = SchedClassifierLink::try_from(fd)
         .map_err(|e| ProgramError::IOError(io::Error::other(e)))?;
     program.attach_to_link(link).map(drop)
+}
+
+/// Puts `lan_hairpin` into the program array `lan_ingress` tail-calls.
+pub fn install_hairpin(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let program = names::PROGRAM_LAN_HAIRPIN;
+    let fd = classifier(ebpf, program)?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+        .map_err(|error| load_error(program, error))?;
+    let write_error = |source| DataplaneError::WriteMap {
+        map: names::HAIRPIN,
+        source: Box::new(source),
+    };
+    let map = ebpf
+        .map_mut(names::HAIRPIN)
+        .ok_or(DataplaneError::MissingMap {
+            map: names::HAIRPIN,
+        })?;
+    let mut array = aya::maps::ProgramArray::try_from(map).map_err(write_error)?;
+    array.set(0, &fd, 0).map_err(write_error)
 }
 
 fn classifier<'a>(

@@ -15,14 +15,17 @@ use balancer_common::{
     flow::{FlowEntry, FlowKey, InboundEntry, InboundKey, ReverseEntry, ReverseKey},
     maps::{
         DESTINATIONS, FLOWS, FORWARDED_UDP_PORTS, INBOUND, NAT_REVERSE, PENDING_FLOWS,
-        PENDING_REVERSE, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS,
-        REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX, UPLINK_COUNTERS, UPLINKS,
+        PENDING_REVERSE, PROGRAM_LAN_HAIRPIN, PROGRAM_LAN_INGRESS, PROGRAM_UPLINK_EGRESS,
+        PROGRAM_UPLINK_INGRESS, REASONS, SCHEDULE, SCHEDULE_LENGTH, SETTINGS, UPLINK_BY_IFINDEX,
+        UPLINK_COUNTERS, UPLINKS,
     },
     policy::smooth_weighted_schedule,
     stats::UPLINK_COUNTER_FIELDS,
     uplink::{DESTINATION_PASS, SCHEDULE_SLOTS, ScheduleLength, Settings, UplinkInfo},
 };
 
+/// The programs attached to interfaces, which see every frame. `lan_hairpin`, which only
+/// `lan_ingress` calls (after its own checks), is loaded beside them.
 pub const PROGRAMS: [&str; 3] = [
     PROGRAM_LAN_INGRESS,
     PROGRAM_UPLINK_EGRESS,
@@ -77,7 +80,7 @@ impl Datapath {
             .map_max_entries(PENDING_REVERSE, entries)
             .load(balancer::dataplane::object())
             .context("parsing the embedded object")?;
-        for name in PROGRAMS {
+        for name in PROGRAMS.into_iter().chain([PROGRAM_LAN_HAIRPIN]) {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
@@ -86,6 +89,7 @@ impl Datapath {
                 .load()
                 .map_err(|error| anyhow!("loading {name}: {error:#}"))?;
         }
+        balancer::dataplane::install_hairpin(&mut ebpf)?;
         let mut datapath = Self { ebpf };
         for id in 1..=3u8 {
             datapath.set_uplink(
@@ -165,6 +169,20 @@ impl Datapath {
         let mut map: HashMap<&mut MapData, u16, u8> =
             self.map_mut(FORWARDED_UDP_PORTS)?.try_into()?;
         map.insert(port.to_be(), 1, 0)?;
+        Ok(())
+    }
+
+    /// Marks `port` of `protocol` as held by the gateway, as the daemon does (`RESERVED_PORTS`).
+    pub fn reserve_port(&mut self, protocol: u8, port: u16) -> anyhow::Result<()> {
+        let key = balancer_common::flow::ReservedPortKey {
+            port: port.to_be(),
+            protocol,
+            _pad: 0,
+        };
+        let mut map: HashMap<&mut MapData, balancer_common::flow::ReservedPortKey, u8> = self
+            .map_mut(balancer_common::maps::RESERVED_PORTS)?
+            .try_into()?;
+        map.insert(key, 1, 0)?;
         Ok(())
     }
 

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    super::{ConfigError, Dataplane, Health},
+    super::{ConfigError, Dataplane, Filtering, Health},
     Validator, line_of,
 };
 
@@ -20,6 +20,7 @@ pub(super) struct RawDataplane {
     tcp_closing_timeout: Option<Spanned<i64>>,
     udp_timeout: Option<Spanned<i64>>,
     icmp_timeout: Option<Spanned<i64>>,
+    filtering: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +108,23 @@ impl Validator<'_> {
             1..=week,
             &mut dataplane.icmp_timeout,
         )?;
+        if let Some(filtering) = &raw.filtering {
+            self.note("dataplane.filtering", filtering);
+            dataplane.filtering = match filtering.get_ref().as_str() {
+                "address-and-port-dependent" => Filtering::AddressAndPortDependent,
+                "endpoint-independent" => Filtering::EndpointIndependent,
+                other => {
+                    return Err(self.error(
+                        "dataplane.filtering",
+                        filtering,
+                        format!(
+                            "unknown filtering {other:?}: expected \"address-and-port-dependent\" \
+                             (the default) or \"endpoint-independent\""
+                        ),
+                    ));
+                }
+            };
+        }
         // Both bounds were range-checked above, so they fit in u16.
         dataplane.nat_port_min = u16::try_from(port_min).unwrap_or(u16::MAX);
         dataplane.nat_port_max = u16::try_from(port_max).unwrap_or(u16::MAX);

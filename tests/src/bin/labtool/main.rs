@@ -32,6 +32,7 @@ mod raw;
 mod serve;
 mod source;
 mod tun_relay;
+mod udp_peer;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -53,6 +54,7 @@ use crate::{
     serve::serve,
     source::{download, streams},
     tun_relay::tun_relay,
+    udp_peer::udp_peer,
 };
 
 /// Upper bound on any client's duration, whatever the caller asks for.
@@ -224,6 +226,24 @@ enum Cmd {
         #[arg(long, default_value_t = 21_600)]
         seconds: u64,
     },
+    /// A UDP peer on a fixed `--bind ADDR:PORT`: sends to each `--send-to` every
+    /// `--interval-ms` (at most `--sends` rounds) and records every datagram it receives, with
+    /// its source, until `--seconds` pass; prints JSON {local, sent, received: [{from, payload}]}.
+    UdpPeer {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        send_to: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 5)]
+        sends: u32,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Answer every datagram received (a service).
+        #[arg(long)]
+        answer: bool,
+    },
     /// Wait until every given TCP address accepts a connection.
     WaitTcp {
         #[arg(required = true)]
@@ -324,6 +344,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::UdpWhoami { opts, attempts } => udp_whoami(&opts, attempts.max(1)),
+        Cmd::UdpPeer {
+            bind,
+            send_to,
+            sends,
+            interval_ms,
+            seconds,
+            answer,
+        } => udp_peer(
+            bind,
+            &send_to,
+            sends.min(MAX_COUNT),
+            Duration::from_millis(interval_ms),
+            seconds,
+            answer,
+        ),
         Cmd::HttpGet { opts, path, count } => http_get(&opts, &path, count),
         Cmd::Download { opts, seconds } => download(&opts, seconds),
         Cmd::Upload { opts, seconds } => upload(&opts, seconds),
