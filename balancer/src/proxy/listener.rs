@@ -170,7 +170,7 @@ async fn connection(
         client: peer,
         window,
         slot,
-        upstream: tokio::sync::Mutex::new(None),
+        upstream: Mutex::new(None),
     });
     let service = service_fn(move |request| super::http::handle(context.clone(), request));
     let mut builder = http1::Builder::new();

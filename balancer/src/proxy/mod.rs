@@ -5,7 +5,8 @@
 //! One module per concern: `listener` (accepting, who may connect, limits, timeouts), `http`
 //! (dispatch and refusals), `forward` (plain requests and WebSocket upgrades), `tunnel`
 //! (CONNECT), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
-//! uplink), `upstream` (resolve, check, connect, race), `dns` (queries out of an uplink), `dns_cache` (answers kept by TTL, per uplink),
+//! uplink), `upstream` (resolve, check, connect, race), `pool` (idle upstream connections any
+//! client may reuse), `dns` (queries out of an uplink), `dns_cache` (answers kept by TTL, per uplink),
 //! `guard` (forbidden and refused destinations), `pac` (the proxy auto-config file),
 //! `access_log` (one line per request), `reaper` (closing what runs on a dead uplink), `io` (activity and raw head window), `counters`
 //! (per-uplink counters for `balancer status`).
@@ -27,6 +28,7 @@ mod io;
 mod listener;
 mod pac;
 mod policy;
+mod pool;
 mod reaper;
 mod tunnel;
 mod upstream;
@@ -114,6 +116,7 @@ struct Shared {
     access_log: Option<access_log::AccessLog>,
     reaper: Arc<reaper::Reaper>,
     dns_cache: dns_cache::DnsCache,
+    pool: Arc<pool::Pool>,
     chooser: Mutex<policy::Chooser>,
     counters: counters::Counters,
     local: guard::LocalAddresses,
@@ -167,6 +170,7 @@ impl Proxy {
                 access_log,
                 reaper: Arc::default(),
                 dns_cache: dns_cache::DnsCache::default(),
+                pool: Arc::default(),
                 chooser: Mutex::new(chooser),
                 counters: counters::Counters::default(),
                 local: guard::LocalAddresses::default(),
@@ -200,6 +204,7 @@ impl Proxy {
             }));
         }
         tasks.push(runtime.spawn(reaper::run(shared.reaper.clone(), shared.view.clone())));
+        tasks.push(runtime.spawn(shared.pool.clone().sweep_forever()));
         if let Some(log) = &shared.access_log {
             tasks.push(runtime.spawn(log.clone().reopen_on_sighup()));
         }
@@ -243,7 +248,7 @@ impl ProxyHandle {
 /// fit: under systemd's default of 1,024 the proxy would fail near 330 clients.
 fn raise_file_limit(max_connections: u32) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let wanted = u64::from(max_connections) * FDS_PER_CLIENT + 1024;
+    let wanted = u64::from(max_connections) * FDS_PER_CLIENT + pool::MAX_IDLE as u64 + 1024;
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
