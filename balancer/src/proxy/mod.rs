@@ -4,7 +4,7 @@
 //!
 //! One module per concern: `listener` (accepting, who may connect, limits, timeouts), `http`
 //! (dispatch and refusals), `forward` (plain requests and WebSocket upgrades), `tunnel`
-//! (CONNECT), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
+//! (CONNECT), `splice` (a tunnel's bytes moved inside the kernel), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
 //! uplink), `upstream` (resolve, check, connect, race), `pool` (idle upstream connections any
 //! client may reuse), `dns` (queries out of an uplink), `dns_cache` (answers kept by TTL, per uplink),
 //! `guard` (forbidden and refused destinations), `pac` (the proxy auto-config file),
@@ -30,6 +30,7 @@ mod pac;
 mod policy;
 mod pool;
 mod reaper;
+mod splice;
 mod tunnel;
 mod upstream;
 
@@ -56,9 +57,10 @@ const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 /// The proxy's own worker threads: enough to use both cores of a small gateway, never so many
 /// that it starves the daemon's.
 const WORKER_THREADS: usize = 2;
-/// File descriptors per client beyond the client socket: the upstream socket and a spare
-/// handle on the client socket (for the 408 answer).
-const FDS_PER_CLIENT: u64 = 3;
+/// File descriptors per client: the client socket, the upstream socket and a spare handle on
+/// the client socket (for the 408 answer) while a request head is awaited, or two pipes (four
+/// descriptors) once it is a spliced tunnel.
+const FDS_PER_CLIENT: u64 = 6;
 
 /// What the daemon tells the proxy after each reconcile.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
