@@ -161,8 +161,10 @@ pub(super) async fn forward(
                 Ok(choice) => choice,
                 Err(error) => return upstream_refusal(shared, &error),
             };
-            let pooled = upgrade
-                .is_none()
+            // Only a request that may be sent again takes an idle connection: a server may
+            // close one just as it goes out, and only such a request is then retried.
+            let pooled = again
+                .is_some()
                 .then(|| pooled(shared, choice.uplink(), &host, port))
                 .flatten();
             reused = pooled.is_some();
