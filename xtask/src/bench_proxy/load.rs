@@ -231,7 +231,8 @@ fn upload_to(
 /// Sends `bytes` on `stream`, half-closes, and checks the sink's count when it comes back:
 /// Mbit/s from `started` until the last byte was handed to the socket.
 fn send_and_count(mut stream: TcpStream, started: Instant, bytes: u64) -> anyhow::Result<f64> {
-    let chunk = vec![0xa5u8; 64 * 1024];
+    // Large writes, so the client's own system calls cost little next to what it measures.
+    let chunk = vec![0xa5u8; 256 * 1024];
     let mut left = bytes;
     while left > 0 {
         let n = usize::try_from(left)
