@@ -23,6 +23,7 @@ use origin::Origin;
 use support::*;
 
 const ORIGIN: &str = "198.18.9.1:8089";
+const ONCE_ORIGIN: &str = "198.18.9.1:8088";
 const WHOAMI_URL: &str = "http://198.18.9.1:8080/";
 
 #[test]
@@ -120,11 +121,13 @@ fn headers_loops_framing_retry_access_log_and_pac() {
         "the trailer reached the client: {trailers:?}"
     );
 
-    // The server closes the kept connection as the next request arrives: retried once.
-    let once = format!("http://{ORIGIN}/once");
+    // The server closes the kept connection as the next request arrives: retried once. An
+    // origin of its own, so the first request finds no pooled connection and opens one.
+    let once_origin = Origin::start(&lab.inet(), ONCE_ORIGIN);
+    let once = format!("http://{ONCE_ORIGIN}/once");
     let retried = gw.curl(1, &[&once, &once]);
     assert_eq!(retried.code, 200, "{retried:?}\n{}", gw.log());
-    let once_heads = origin
+    let once_heads = once_origin
         .heads()
         .iter()
         .filter(|h| h.starts_with("GET /once "))

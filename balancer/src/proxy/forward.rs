@@ -1,9 +1,10 @@
 //! Plain (absolute-form) requests: only to `http_ports`, through a kept upstream connection when
-//! the client's last request went to the same host, retried once on a fresh connection when a
-//! kept one turns out closed (idempotent requests without a body), and WebSocket upgrades
-//! spliced into a tunnel after the server's 101.
+//! the client's last request went to the same host, else an idle one from the shared `pool` on
+//! the uplink the policy picked, retried once on a fresh connection when a kept or pooled one
+//! turns out closed (idempotent requests without a body), and WebSocket upgrades spliced into a
+//! tunnel after the server's 101.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use http_body_util::BodyExt;
 use hyper::{
@@ -15,10 +16,12 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 
 use super::{
+    ProxyUplink, Shared,
     counters::UplinkCounters,
     headers::{self, MaxForwards},
     http::{Body, ConnContext, Record, full, refuse, target, upstream_refusal},
     io::{Activity, Watched},
+    pool::{Home, PoolKey, ReturnOnEnd},
     tunnel::TUNNEL_BUFFER,
     upstream,
 };
@@ -38,23 +41,37 @@ const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH, CONNEC
 
 /// An upstream HTTP/1.1 connection kept for the client connection's next request to the same
 /// host: keep-alive on both sides, as squid does, instead of a TCP handshake and a TIME_WAIT on
-/// the gateway per request. A keep-alive client connection is one flow on one uplink.
+/// the gateway per request. A keep-alive client connection is one flow on one uplink; when it
+/// closes, its kept connection goes to the shared pool.
 pub(super) struct Reusable {
-    host: String,
-    port: u16,
-    sender: SendRequest<Body>,
-    upstream: Upstream,
+    pub host: String,
+    pub port: u16,
+    pub sender: SendRequest<Body>,
+    pub upstream: Upstream,
 }
 
-/// The uplink an upstream connection leaves by.
+/// The uplink an upstream connection leaves by, and where it leads.
 #[derive(Clone)]
-struct Upstream {
+pub(super) struct Upstream {
     counters: Arc<UplinkCounters>,
     uplink: String,
+    pub key: PoolKey,
+}
+
+impl Upstream {
+    /// An upstream of no uplink in particular, for the pool's unit tests.
+    #[cfg(test)]
+    pub(super) fn for_test(key: PoolKey) -> Upstream {
+        Upstream {
+            counters: Arc::default(),
+            uplink: "test".to_string(),
+            key,
+        }
+    }
 }
 
 pub(super) async fn forward(
-    context: &ConnContext,
+    context: &Arc<ConnContext>,
     request: Request<Incoming>,
     record: &mut Record,
 ) -> Response<Body> {
@@ -93,6 +110,7 @@ pub(super) async fn forward(
         *shell.extensions_mut() = std::mem::take(&mut parts.extensions);
         hyper::upgrade::on(shell)
     });
+    let client_keeps_alive = headers::keeps_alive(parts.version, &parts.headers);
     let trailers = headers::accepts_trailers(&parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     if trailers {
@@ -128,26 +146,42 @@ pub(super) async fn forward(
         context
             .upstream
             .lock()
-            .await
-            .take()
+            .ok()
+            .and_then(|mut kept| kept.take())
             .filter(|kept| kept.host == host && kept.port == port && !kept.sender.is_closed())
     } else {
         // An upgraded connection is the client's alone: never a kept one, never kept after.
         None
     };
-    let reused = kept.is_some();
+    let mut reused = kept.is_some();
     let (mut sender, mut upstream) = match kept {
         Some(kept) => (kept.sender, kept.upstream),
-        None => match open_upstream(context, &host, port, record).await {
-            Ok(opened) => opened,
-            Err(refusal) => return refusal,
-        },
+        None => {
+            let choice = match upstream::choose(shared, context.client.ip(), &host) {
+                Ok(choice) => choice,
+                Err(error) => return upstream_refusal(shared, &error),
+            };
+            // Only a request that may be sent again takes an idle connection: a server may
+            // close one just as it goes out, and only such a request is then retried.
+            let pooled = again
+                .is_some()
+                .then(|| pooled(shared, choice.uplink(), &host, port))
+                .flatten();
+            reused = pooled.is_some();
+            match pooled {
+                Some(pooled) => pooled,
+                None => match open_upstream(context, &host, port, record, Some(choice)).await {
+                    Ok(opened) => opened,
+                    Err(refusal) => return refusal,
+                },
+            }
+        }
     };
     record.entry.uplink = Some(upstream.uplink.clone());
     let outgoing = Request::from_parts(parts, body.boxed());
     if sender.ready().await.is_err() {
         // The kept connection closed meanwhile: a fresh one instead.
-        match open_upstream(context, &host, port, record).await {
+        match open_upstream(context, &host, port, record, None).await {
             Ok(opened) => (sender, upstream) = opened,
             Err(refusal) => return refusal,
         }
@@ -163,7 +197,7 @@ pub(super) async fn forward(
                 return bad_gateway(context, &error);
             };
             tracing::debug!(%error, %host, "kept upstream connection closed; retrying once");
-            match open_upstream(context, &host, port, record).await {
+            match open_upstream(context, &host, port, record, None).await {
                 Ok(opened) => (sender, upstream) = opened,
                 Err(refusal) => return refusal,
             }
@@ -177,6 +211,7 @@ pub(super) async fn forward(
             }
         }
     };
+    let mut reusable = None;
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
         (client_upgrade, response.status())
     {
@@ -184,8 +219,8 @@ pub(super) async fn forward(
             window.stop();
         }
         splice_upgrade(context, client_upgrade, &mut response);
-    } else if upgrade.is_none() {
-        *context.upstream.lock().await = Some(Reusable {
+    } else if upgrade.is_none() && headers::keeps_alive(response.version(), response.headers()) {
+        reusable = Some(Reusable {
             host,
             port,
             sender,
@@ -204,7 +239,44 @@ pub(super) async fn forward(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    Response::from_parts(parts, body.boxed())
+    let body = match reusable {
+        // Handed back when the server has sent the whole response, not before: until then the
+        // connection is busy.
+        Some(reusable) => {
+            let home = if client_keeps_alive {
+                Home::Client(context.clone())
+            } else {
+                Home::Pool(shared.pool.clone())
+            };
+            ReturnOnEnd::new(body, reusable, home).boxed()
+        }
+        None => body.boxed(),
+    };
+    Response::from_parts(parts, body)
+}
+
+/// An idle pooled connection out of `uplink` to where `host:port` leads now, if there is one.
+fn pooled(
+    shared: &Shared,
+    uplink: &ProxyUplink,
+    host: &str,
+    port: u16,
+) -> Option<(SendRequest<Body>, Upstream)> {
+    let generation = shared.reaper.generation(uplink.id);
+    let now = Instant::now();
+    upstream::known_targets(shared, uplink, host, port)?
+        .into_iter()
+        .find_map(|(origin, source)| {
+            shared.pool.take(
+                &PoolKey {
+                    uplink: uplink.id,
+                    generation,
+                    source,
+                    origin,
+                },
+                now,
+            )
+        })
 }
 
 fn rebuild(method: &Method, uri: &Uri, headers: &HeaderMap) -> Request<Body> {
@@ -284,21 +356,33 @@ fn splice_upgrade(
     });
 }
 
-/// A new upstream connection for `host:port` through the policy's uplink, with its HTTP/1.1
-/// handshake done; the connection is driven by its own task until it closes or idles out.
+/// A new upstream connection for `host:port` through the uplink already chosen, or else the
+/// policy's, with its HTTP/1.1 handshake done; the connection is driven by its own task until
+/// it closes, idles out or its uplink is released.
 async fn open_upstream(
     context: &ConnContext,
     host: &str,
     port: u16,
     record: &mut Record,
+    choice: Option<upstream::Choice>,
 ) -> Result<(SendRequest<Body>, Upstream), Response<Body>> {
     let shared = &context.shared;
-    let connected = upstream::connect(shared, context.client.ip(), host, port)
-        .await
-        .map_err(|error| upstream_refusal(shared, &error))?;
+    let client = context.client.ip();
+    let connected = match choice {
+        Some(choice) => upstream::connect_via(shared, client, host, port, &choice).await,
+        None => upstream::connect(shared, client, host, port).await,
+    }
+    .map_err(|error| upstream_refusal(shared, &error))?;
+    let doom = shared.reaper.subscribe(connected.uplink.id);
     let upstream = Upstream {
         counters: connected.counters.clone(),
         uplink: connected.way(),
+        key: PoolKey {
+            uplink: connected.uplink.id,
+            generation: doom.generation(),
+            source: (!connected.direct).then_some(connected.uplink.source),
+            origin: connected.origin,
+        },
     };
     record.entry.uplink = Some(upstream.uplink.clone());
     let activity = Activity::new();
@@ -319,7 +403,6 @@ async fn open_upstream(
                 )
             })?;
     let idle = shared.settings.limits.idle_timeout;
-    let doom = shared.reaper.subscribe(connected.uplink.id);
     tokio::spawn(async move {
         tokio::select! {
             _ = connection.with_upgrades() => {}

@@ -45,6 +45,18 @@ fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Whether the sender of a message means to keep its connection open afterwards (RFC 9112
+/// section 9.3): HTTP/1.1 without `Connection: close`. HTTP/1.0 keep-alive is not trusted.
+pub fn keeps_alive(version: hyper::Version, headers: &HeaderMap) -> bool {
+    version == hyper::Version::HTTP_11
+        && !headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
 /// Whether the client accepts trailers (`TE: trailers`): then the proxy asks for them
 /// upstream too, since it forwards them (TE itself is hop-by-hop).
 pub fn accepts_trailers(headers: &HeaderMap) -> bool {

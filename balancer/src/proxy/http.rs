@@ -39,7 +39,18 @@ pub(super) struct ConnContext {
     /// Held by tunnels too, so an upgraded connection still counts against the caps.
     pub slot: Arc<Slot>,
     /// The upstream connection this client connection used last, for its next request.
-    pub upstream: tokio::sync::Mutex<Option<Reusable>>,
+    pub upstream: Mutex<Option<Reusable>>,
+}
+
+impl Drop for ConnContext {
+    /// The client is gone: its kept upstream connection may serve another client.
+    fn drop(&mut self) {
+        if let Some(kept) = self.upstream.get_mut().ok().and_then(Option::take) {
+            self.shared
+                .pool
+                .put(kept.sender, kept.upstream, Instant::now());
+        }
+    }
 }
 
 /// What the access log will say about a request, filled in as it is handled.

@@ -46,6 +46,19 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// A tunnel moved `n` bytes from the client to the server.
+    pub fn moved_up(&self, n: u64, counters: &UplinkCounters) {
+        self.touch();
+        UplinkCounters::add(&counters.bytes_up, n);
+    }
+
+    /// A tunnel moved `n` bytes from the server to the client: what the access log counts.
+    pub fn moved_down(&self, n: u64, counters: &UplinkCounters) {
+        self.touch();
+        self.read.fetch_add(n, Ordering::Relaxed);
+        UplinkCounters::add(&counters.bytes_down, n);
+    }
+
     /// Bytes read so far from the stream this activity watches.
     pub fn bytes_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
@@ -162,6 +175,11 @@ pub struct Watched<T> {
 }
 
 impl<T> Watched<T> {
+    /// The stream underneath, once nothing more needs watching through this wrapper.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     pub fn client(inner: T, activity: Arc<Activity>, window: Arc<Mutex<Window>>) -> Self {
         activity.touch();
         Watched {

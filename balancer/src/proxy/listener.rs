@@ -157,9 +157,9 @@ async fn connection(
     stream.set_nodelay(true)?;
     // A second handle on the socket: hyper owns the stream, and when it gives up on a slow head
     // it only closes; this handle lets the client hear why.
-    let std_stream = stream.into_std()?;
-    let spare = std_stream.try_clone()?;
-    let stream = TcpStream::from_std(std_stream)?;
+    // A dup of the descriptor, leaving the stream registered with the reactor (a round trip
+    // through std would deregister and register it again: two system calls per client).
+    let spare: std::net::TcpStream = socket2::SockRef::from(&stream).try_clone()?.into();
     let limits = &shared.settings.limits;
     let max_header = limits.max_header_bytes as usize;
     let activity = Activity::new();
@@ -170,7 +170,7 @@ async fn connection(
         client: peer,
         window,
         slot,
-        upstream: tokio::sync::Mutex::new(None),
+        upstream: Mutex::new(None),
     });
     let service = service_fn(move |request| super::http::handle(context.clone(), request));
     let mut builder = http1::Builder::new();

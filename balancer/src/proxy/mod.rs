@@ -4,8 +4,9 @@
 //!
 //! One module per concern: `listener` (accepting, who may connect, limits, timeouts), `http`
 //! (dispatch and refusals), `forward` (plain requests and WebSocket upgrades), `tunnel`
-//! (CONNECT), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
-//! uplink), `upstream` (resolve, check, connect, race), `dns` (queries out of an uplink), `dns_cache` (answers kept by TTL, per uplink),
+//! (CONNECT), `splice` (a tunnel's bytes moved inside the kernel), `headers` (what RFC 9110/9112 ask of a proxy's headers), `policy` (which
+//! uplink), `upstream` (resolve, check, connect, race), `pool` (idle upstream connections any
+//! client may reuse), `dns` (queries out of an uplink), `dns_cache` (answers kept by TTL, per uplink),
 //! `guard` (forbidden and refused destinations), `pac` (the proxy auto-config file),
 //! `access_log` (one line per request), `reaper` (closing what runs on a dead uplink), `io` (activity and raw head window), `counters`
 //! (per-uplink counters for `balancer status`).
@@ -27,7 +28,9 @@ mod io;
 mod listener;
 mod pac;
 mod policy;
+mod pool;
 mod reaper;
+mod splice;
 mod tunnel;
 mod upstream;
 
@@ -54,9 +57,10 @@ const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 /// The proxy's own worker threads: enough to use both cores of a small gateway, never so many
 /// that it starves the daemon's.
 const WORKER_THREADS: usize = 2;
-/// File descriptors per client beyond the client socket: the upstream socket and a spare
-/// handle on the client socket (for the 408 answer).
-const FDS_PER_CLIENT: u64 = 3;
+/// File descriptors per client: the client socket, the upstream socket and a spare handle on
+/// the client socket (for the 408 answer) while a request head is awaited, or two pipes (four
+/// descriptors) once it is a spliced tunnel.
+const FDS_PER_CLIENT: u64 = 6;
 
 /// What the daemon tells the proxy after each reconcile.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -114,6 +118,7 @@ struct Shared {
     access_log: Option<access_log::AccessLog>,
     reaper: Arc<reaper::Reaper>,
     dns_cache: dns_cache::DnsCache,
+    pool: Arc<pool::Pool>,
     chooser: Mutex<policy::Chooser>,
     counters: counters::Counters,
     local: guard::LocalAddresses,
@@ -167,6 +172,7 @@ impl Proxy {
                 access_log,
                 reaper: Arc::default(),
                 dns_cache: dns_cache::DnsCache::default(),
+                pool: Arc::default(),
                 chooser: Mutex::new(chooser),
                 counters: counters::Counters::default(),
                 local: guard::LocalAddresses::default(),
@@ -200,6 +206,7 @@ impl Proxy {
             }));
         }
         tasks.push(runtime.spawn(reaper::run(shared.reaper.clone(), shared.view.clone())));
+        tasks.push(runtime.spawn(shared.pool.clone().sweep_forever()));
         if let Some(log) = &shared.access_log {
             tasks.push(runtime.spawn(log.clone().reopen_on_sighup()));
         }
@@ -243,7 +250,7 @@ impl ProxyHandle {
 /// fit: under systemd's default of 1,024 the proxy would fail near 330 clients.
 fn raise_file_limit(max_connections: u32) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let wanted = u64::from(max_connections) * FDS_PER_CLIENT + 1024;
+    let wanted = u64::from(max_connections) * FDS_PER_CLIENT + pool::MAX_IDLE as u64 + 1024;
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };

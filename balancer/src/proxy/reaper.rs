@@ -22,6 +22,12 @@ pub struct Reaper {
 pub struct Doom(Option<watch::Receiver<u64>>);
 
 impl Doom {
+    /// The uplink's generation when this subscription was taken: connections opened under an
+    /// older one belong to a released uplink.
+    pub fn generation(&self) -> u64 {
+        self.0.as_ref().map_or(0, |receiver| *receiver.borrow())
+    }
+
     pub async fn wait(mut self) {
         match self.0.as_mut() {
             Some(receiver) => {
@@ -40,6 +46,15 @@ impl Reaper {
                 .or_insert_with(|| watch::channel(0).0)
                 .subscribe()
         }))
+    }
+
+    /// The uplink's current generation (0 before anything subscribed to it).
+    pub fn generation(&self, uplink: u32) -> u64 {
+        self.generations
+            .lock()
+            .ok()
+            .and_then(|generations| generations.get(&uplink).map(|sender| *sender.borrow()))
+            .unwrap_or(0)
     }
 
     fn close_all(&self, uplink: &ProxyUplink, why: &str) {

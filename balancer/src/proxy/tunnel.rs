@@ -1,20 +1,26 @@
-//! CONNECT tunnels: only to `connect_ports`, through the policy's uplink, copied both ways until
-//! either side ends or nothing moves for the idle timeout; logged when they end.
+//! CONNECT tunnels: only to `connect_ports`, through the policy's uplink, moved both ways by
+//! `splice` (or copied, should the client side not be a plain socket) until both sides end, or
+//! nothing moves for the idle timeout, or the uplink is released; logged when they end.
 
 use std::sync::Arc;
 
-use hyper::{Request, Response, StatusCode, body::Incoming};
+use hyper::{Request, Response, StatusCode, body::Incoming, upgrade::Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{
     counters::UplinkCounters,
     http::{Body, ConnContext, Record, full, refuse, target, upstream_refusal},
     io::{Activity, Watched},
-    upstream,
+    splice, upstream,
 };
 
-/// Each direction's copy buffer: 8 KiB (tokio's default) costs a system call pair per 8 KiB;
-/// 64 KiB matches what a socket delivers per read at full rate.
+/// What the client side of a CONNECT is underneath hyper's upgrade (see `listener`).
+type ClientIo = TokioIo<Watched<TcpStream>>;
+
+/// Each direction's copy buffer where bytes are copied (WebSocket upgrades): 8 KiB (tokio's
+/// default) costs a system call pair per 8 KiB; 64 KiB matches what a socket delivers per read
+/// at full rate.
 pub(super) const TUNNEL_BUFFER: usize = 64 * 1024;
 
 pub(super) async fn tunnel(
@@ -60,13 +66,15 @@ pub(super) async fn tunnel(
         let Ok(upgraded) = hyper::upgrade::on(request).await else {
             return;
         };
-        let mut client = TokioIo::new(upgraded);
         let activity = Activity::new();
-        let mut server = Watched::upstream(connected.stream, activity.clone(), connected.counters);
+        let moved = run(
+            upgraded,
+            connected.stream,
+            activity.clone(),
+            connected.counters,
+        );
         tokio::select! {
-            _ = tokio::io::copy_bidirectional_with_sizes(
-                &mut client, &mut server, TUNNEL_BUFFER, TUNNEL_BUFFER,
-            ) => {}
+            () = moved => {}
             () = activity.idle(idle) => {}
             () = doom.wait() => {}
         }
@@ -78,4 +86,42 @@ pub(super) async fn tunnel(
         }
     });
     Response::new(full(String::new()))
+}
+
+/// Moves the tunnel's bytes until both sides end or either fails; `activity` hears of every
+/// chunk, and counts what came from the server.
+async fn run(
+    upgraded: Upgraded,
+    mut server: TcpStream,
+    activity: Arc<Activity>,
+    counters: Arc<UplinkCounters>,
+) {
+    match upgraded.downcast::<ClientIo>() {
+        Ok(parts) => {
+            let client = parts.io.into_inner().into_inner();
+            // What the client sent right behind its CONNECT head (a TLS hello, say).
+            if !parts.read_buf.is_empty() {
+                if server.write_all(&parts.read_buf).await.is_err() {
+                    return;
+                }
+                activity.moved_up(parts.read_buf.len() as u64, &counters);
+            }
+            let up = |n: usize| activity.moved_up(n as u64, &counters);
+            let down = |n: usize| activity.moved_down(n as u64, &counters);
+            if let Err(error) = splice::join(&client, &server, &up, &down).await {
+                tracing::debug!(%error, "tunnel ended");
+            }
+        }
+        Err(upgraded) => {
+            let mut client = TokioIo::new(upgraded);
+            let mut server = Watched::upstream(server, activity, counters);
+            let _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut server,
+                TUNNEL_BUFFER,
+                TUNNEL_BUFFER,
+            )
+            .await;
+        }
+    }
 }

@@ -81,6 +81,8 @@ pub struct Connected {
     pub counters: Arc<UplinkCounters>,
     /// To an office destination `proxy.allow` opened: by the main table, not the uplink.
     pub direct: bool,
+    /// The origin's address that answered.
+    pub origin: SocketAddrV4,
 }
 
 impl Connected {
@@ -103,7 +105,24 @@ pub async fn connect(
     host: &str,
     port: u16,
 ) -> Result<Connected, UpstreamError> {
-    let limits = &shared.settings.limits;
+    let choice = choose(shared, client, host)?;
+    connect_via(shared, client, host, port, &choice).await
+}
+
+/// The usable uplinks as the proxy sees them now, and the one the policy picked.
+pub struct Choice {
+    uplinks: Vec<ProxyUplink>,
+    first: ProxyUplink,
+}
+
+impl Choice {
+    pub fn uplink(&self) -> &ProxyUplink {
+        &self.first
+    }
+}
+
+/// Asks the policy for an uplink (a round robin moves on by one per call).
+pub fn choose(shared: &Shared, client: IpAddr, host: &str) -> Result<Choice, UpstreamError> {
     let uplinks = shared.view.borrow().uplinks.clone();
     let chosen = shared
         .chooser
@@ -112,7 +131,22 @@ pub async fn connect(
         .and_then(|mut c| c.choose(client, host, &uplinks, Instant::now()));
     let first = chosen
         .and_then(|id| uplinks.iter().find(|u| u.id == id))
+        .cloned()
         .ok_or(UpstreamError::NoUplink)?;
+    Ok(Choice { uplinks, first })
+}
+
+/// Connects through the chosen uplink, racing a second one as [`connect`] says.
+pub async fn connect_via(
+    shared: &Shared,
+    client: IpAddr,
+    host: &str,
+    port: u16,
+    choice: &Choice,
+) -> Result<Connected, UpstreamError> {
+    let limits = &shared.settings.limits;
+    let uplinks = &choice.uplinks;
+    let first = &choice.first;
     let race = async {
         let first_attempt = attempt(shared, first, host, port);
         tokio::pin!(first_attempt);
@@ -125,7 +159,7 @@ pub async fn connect(
                 .chooser
                 .lock()
                 .ok()
-                .and_then(|mut c| c.alternative(first.id, &uplinks))
+                .and_then(|mut c| c.alternative(first.id, uplinks))
                 .and_then(|id| uplinks.iter().find(|u| u.id == id))
         };
         match early {
@@ -194,8 +228,9 @@ async fn attempt(
         UplinkCounters::add(&counters.upstream_errors, 1);
         tracing::debug!(uplink = %uplink.name, error = %crate::daemon::error_chain(error), "upstream attempt failed");
     }
-    result.map(|(stream, direct)| Connected {
+    result.map(|(stream, direct, origin)| Connected {
         stream,
+        origin,
         uplink: uplink.clone(),
         counters,
         direct,
@@ -208,7 +243,7 @@ async fn attempt_inner(
     counters: &UplinkCounters,
     host: &str,
     port: u16,
-) -> Result<(TcpStream, bool), UpstreamError> {
+) -> Result<(TcpStream, bool, SocketAddrV4), UpstreamError> {
     let addresses = match guard::literal(host) {
         Some(IpAddr::V4(address)) => vec![address],
         Some(IpAddr::V6(_)) => return Err(UpstreamError::Ipv6),
@@ -233,37 +268,11 @@ async fn attempt_inner(
             }
         },
     };
-    let local = shared.local.get();
-    // Every answer is checked; connecting goes to exactly the addresses that passed.
-    if let Some((address, reason)) = addresses
-        .iter()
-        .find_map(|a| guard::forbidden(*a, &local).map(|reason| (*a, reason)))
-    {
-        return Err(UpstreamError::Forbidden {
-            host: host.to_string(),
-            address,
-            reason,
-        });
-    }
-    let refused = shared.view.borrow().refused.clone();
-    if let Some((address, network)) = addresses.iter().find_map(|a| {
-        guard::refused_by(*a, &refused, &shared.settings.allow).map(|network| (*a, network))
-    }) {
-        return Err(UpstreamError::Refused {
-            host: host.to_string(),
-            address,
-            network,
-        });
-    }
-    // An office destination that proxy.allow opens is not on the internet: it is reached by
-    // the main table, not out of an uplink.
-    let office = |a: &Ipv4Addr| refused.iter().any(|net| net.contains(a));
     let mut last = None;
-    for address in addresses {
+    for (address, source) in checked(shared, uplink, host, addresses)? {
         let target = SocketAddrV4::new(address, port);
-        let source = (!office(&address)).then_some(uplink.source);
         match connect_from(source, target).await {
-            Ok(stream) => return Ok((stream, source.is_none())),
+            Ok(stream) => return Ok((stream, source.is_none(), target)),
             Err(source) => {
                 last = Some(UpstreamError::Connect {
                     address: target,
@@ -274,6 +283,69 @@ async fn attempt_inner(
         }
     }
     Err(last.unwrap_or(UpstreamError::NoUplink))
+}
+
+/// Checks every answer (connecting goes to exactly the addresses that passed), and pairs each
+/// with the source address to bind: the uplink's, or none for an office destination that
+/// `proxy.allow` opens (not on the internet: reached by the main table, not out of an uplink).
+fn checked(
+    shared: &Shared,
+    uplink: &ProxyUplink,
+    host: &str,
+    addresses: Vec<Ipv4Addr>,
+) -> Result<Vec<(Ipv4Addr, Option<Ipv4Addr>)>, UpstreamError> {
+    let local = shared.local.get();
+    if let Some((address, reason)) = addresses
+        .iter()
+        .find_map(|a| guard::forbidden(*a, &local).map(|reason| (*a, reason)))
+    {
+        return Err(UpstreamError::Forbidden {
+            host: host.to_string(),
+            address,
+            reason,
+        });
+    }
+    let view = shared.view.borrow();
+    let refused = &view.refused;
+    if let Some((address, network)) = addresses.iter().find_map(|a| {
+        guard::refused_by(*a, refused, &shared.settings.allow).map(|network| (*a, network))
+    }) {
+        return Err(UpstreamError::Refused {
+            host: host.to_string(),
+            address,
+            network,
+        });
+    }
+    Ok(addresses
+        .into_iter()
+        .map(|address| {
+            let office = refused.iter().any(|net| net.contains(&address));
+            (address, (!office).then_some(uplink.source))
+        })
+        .collect())
+}
+
+/// Where a connection through `uplink` to `host:port` could lead, known without asking
+/// anyone: a literal address or a cached answer, each checked as for a new connection. `None`
+/// when the name is not cached or an answer is refused (a new connection then says why).
+pub fn known_targets(
+    shared: &Shared,
+    uplink: &ProxyUplink,
+    host: &str,
+    port: u16,
+) -> Option<Vec<(SocketAddrV4, Option<Ipv4Addr>)>> {
+    let addresses = match guard::literal(host) {
+        Some(IpAddr::V4(address)) => vec![address],
+        Some(IpAddr::V6(_)) => return None,
+        None => shared.dns_cache.get(uplink.id, host, Instant::now())?,
+    };
+    let checked = checked(shared, uplink, host, addresses).ok()?;
+    Some(
+        checked
+            .into_iter()
+            .map(|(address, source)| (SocketAddrV4::new(address, port), source))
+            .collect(),
+    )
 }
 
 /// A TCP connection from `source` (so the `from <source>` rule routes it out of that uplink).

@@ -8,7 +8,9 @@
 //! - `/trailers`: a chunked body with a declared `X-Checksum` trailer, sent only when the
 //!   request said `TE: trailers` (as a server may require);
 //! - `/slow`: answers after 2 s;
-//! - `/ws`: 101 Switching Protocols to `websocket`, then echoes whatever comes.
+//! - `/ws`: 101 Switching Protocols to `websocket`, then echoes whatever comes;
+//! - `/conn`: `<peer address> <connection number>`, which TCP connection carried the request
+//!   (numbered from 0 in accept order).
 
 use std::{
     io::{Read, Write},
@@ -30,10 +32,10 @@ impl Origin {
         let heads = Arc::new(Mutex::new(Vec::new()));
         let recorded = heads.clone();
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
+            for (number, stream) in listener.incoming().enumerate() {
                 let Ok(stream) = stream else { return };
                 let recorded = recorded.clone();
-                std::thread::spawn(move || serve(stream, &recorded));
+                std::thread::spawn(move || serve(stream, number, &recorded));
             }
         });
         Origin { heads }
@@ -59,8 +61,13 @@ fn read_head(stream: &mut TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&head).into_owned())
 }
 
-fn serve(mut stream: TcpStream, recorded: &Mutex<Vec<String>>) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+fn serve(mut stream: TcpStream, number: usize, recorded: &Mutex<Vec<String>>) {
+    // Longer than the proxy's pool keeps an idle connection, so a reused one shows.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut served = 0;
     while let Some(head) = read_head(&mut stream) {
         recorded.lock().unwrap().push(head.clone());
@@ -74,6 +81,10 @@ fn serve(mut stream: TcpStream, recorded: &Mutex<Vec<String>>) {
             }
             "/trailers" if head.to_lowercase().contains("te: trailers") => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: c0ffee\r\n\r\n".to_string(),
             "/trailers" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
+            "/conn" => {
+                let body = format!("{peer} {number}\n");
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            }
             "/ws" => {
                 let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
                 if stream.write_all(switch.as_bytes()).is_ok() {

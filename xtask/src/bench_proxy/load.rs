@@ -183,9 +183,29 @@ pub(super) fn upload(lab: &Lab, proxy: Proxy, bytes: u64) -> anyhow::Result<f64>
     let request = format!(
         "CONNECT {SERVER_ADDR}:{SINK_PORT} HTTP/1.1\r\nHost: {SERVER_ADDR}:{SINK_PORT}\r\n\r\n"
     );
+    upload_to(lab, target, Some(request), bytes)
+        .with_context(|| format!("uploading {bytes} bytes through {}", proxy.name()))
+}
+
+/// The same upload sent straight to the sink through the gateway's data plane, no proxy: what
+/// the lab's client, sink and veths allow, the ceiling of the CONNECT upload row.
+pub(super) fn upload_direct(lab: &Lab, bytes: u64) -> anyhow::Result<f64> {
+    let target = SocketAddrV4::new(SERVER_ADDR, SINK_PORT);
+    upload_to(lab, target, None, bytes).with_context(|| format!("uploading {bytes} bytes directly"))
+}
+
+fn upload_to(
+    lab: &Lab,
+    target: SocketAddrV4,
+    connect_head: Option<String>,
+    bytes: u64,
+) -> anyhow::Result<f64> {
     in_namespace(&lab.client(1), move || {
         let started = Instant::now();
         let mut stream = connect(target)?;
+        let Some(request) = connect_head else {
+            return send_and_count(stream, started, bytes);
+        };
         stream
             .write_all(request.as_bytes())
             .context("sending CONNECT")?;
@@ -204,35 +224,41 @@ pub(super) fn upload(lab: &Lab, proxy: Proxy, bytes: u64) -> anyhow::Result<f64>
             text.split(' ').nth(1) == Some("200"),
             "CONNECT answered {text:?}"
         );
-        let chunk = vec![0xa5u8; 64 * 1024];
-        let mut left = bytes;
-        while left > 0 {
-            let n = usize::try_from(left)
-                .unwrap_or(chunk.len())
-                .min(chunk.len());
-            stream
-                .write_all(&chunk[..n])
-                .with_context(|| format!("uploading, {left} bytes left"))?;
-            left -= n as u64;
-            ensure!(
-                started.elapsed() < DOWNLOAD_LIMIT,
-                "upload deadline passed with {left} bytes left"
-            );
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        stream.shutdown(std::net::Shutdown::Write)?;
-        let mut answer = String::new();
-        // A proxy that ends the whole tunnel on the client's half-close sends no count.
-        let _ = stream.read_to_string(&mut answer);
-        if let Ok(counted) = answer.trim().parse::<u64>() {
-            ensure!(
-                counted == bytes,
-                "the sink counted {counted} of {bytes} bytes"
-            );
-        }
-        Ok(bytes as f64 * 8.0 / seconds / 1e6)
+        send_and_count(stream, started, bytes)
     })
-    .with_context(|| format!("uploading {bytes} bytes through {}", proxy.name()))
+}
+
+/// Sends `bytes` on `stream`, half-closes, and checks the sink's count when it comes back:
+/// Mbit/s from `started` until the last byte was handed to the socket.
+fn send_and_count(mut stream: TcpStream, started: Instant, bytes: u64) -> anyhow::Result<f64> {
+    // Large writes, so the client's own system calls cost little next to what it measures.
+    let chunk = vec![0xa5u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left)
+            .unwrap_or(chunk.len())
+            .min(chunk.len());
+        stream
+            .write_all(&chunk[..n])
+            .with_context(|| format!("uploading, {left} bytes left"))?;
+        left -= n as u64;
+        ensure!(
+            started.elapsed() < DOWNLOAD_LIMIT,
+            "upload deadline passed with {left} bytes left"
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    // A proxy that ends the whole tunnel on the client's half-close sends no count.
+    let _ = stream.read_to_string(&mut answer);
+    if let Ok(counted) = answer.trim().parse::<u64>() {
+        ensure!(
+            counted == bytes,
+            "the sink counted {counted} of {bytes} bytes"
+        );
+    }
+    Ok(bytes as f64 * 8.0 / seconds / 1e6)
 }
 
 /// Requests on one connection until `deadline`, reconnecting after an error (at most 100).
@@ -360,10 +386,24 @@ fn exchange(
     keep_body: bool,
 ) -> anyhow::Result<Response> {
     stream.write_all(request).context("sending the request")?;
-    let mut buffer = vec![0u8; 64 * 1024];
+    READ_BUFFER.with_borrow_mut(|buffer| read_response(stream, buffer, deadline, keep_body))
+}
+
+thread_local! {
+    /// Each load thread's read buffer, reused: a fresh zeroed 64 KiB per request cost the
+    /// client a memset per request, charged alike to both proxies' request rates.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
+}
+
+fn read_response(
+    stream: &mut TcpStream,
+    buffer: &mut [u8],
+    deadline: Instant,
+    keep_body: bool,
+) -> anyhow::Result<Response> {
     let mut head = Vec::with_capacity(1024);
     let end = loop {
-        let n = stream.read(&mut buffer).context("reading the head")?;
+        let n = stream.read(buffer).context("reading the head")?;
         ensure!(n > 0, "closed before the response head");
         head.extend_from_slice(&buffer[..n]);
         if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {

@@ -44,6 +44,7 @@ use serde::Serialize;
 use crate::util;
 use load::{
     check_spread, download, latency, named_requests_per_second, requests_per_second, upload,
+    upload_direct,
 };
 use report::{Row, machine, markdown, rows, table};
 use squid::{ensure_squid, squid_conf, start_squid};
@@ -143,6 +144,8 @@ struct Sample {
     download_mbit_per_s: f64,
     /// One upload of the download's size through a CONNECT tunnel.
     upload_mbit_per_s: f64,
+    /// The same upload sent straight to the sink (no proxy) right after: the lab's ceiling.
+    upload_direct_mbit_per_s: f64,
     /// Small requests naming the server, each on a fresh connection.
     named_requests_per_second: f64,
     named_request_errors: u64,
@@ -293,7 +296,7 @@ fn rounds(lab: &Lab, params: &Params) -> anyhow::Result<(Vec<Sample>, Spread)> {
             let sample = measure(lab, params, round, proxy)
                 .with_context(|| format!("round {round}, {}", proxy.name()))?;
             println!(
-                "bench-proxy: round {round}/{} {:5}: {:.0} req/s ({} errors; TIME_WAIT {} -> {}), {:.0} named req/s ({} errors), {:.0} Mbit/s down, {:.0} Mbit/s up, +{:.3} ms per request ({:.3} through, {:.3} direct)",
+                "bench-proxy: round {round}/{} {:5}: {:.0} req/s ({} errors; TIME_WAIT {} -> {}), {:.0} named req/s ({} errors), {:.0} Mbit/s down, {:.0} Mbit/s up ({:.0} direct), +{:.3} ms per request ({:.3} through, {:.3} direct)",
                 params.rounds,
                 proxy.name(),
                 sample.requests_per_second,
@@ -304,6 +307,7 @@ fn rounds(lab: &Lab, params: &Params) -> anyhow::Result<(Vec<Sample>, Spread)> {
                 sample.named_request_errors,
                 sample.download_mbit_per_s,
                 sample.upload_mbit_per_s,
+                sample.upload_direct_mbit_per_s,
                 sample.added_latency_ms,
                 sample.latency_proxy_ms,
                 sample.latency_direct_ms
@@ -320,6 +324,7 @@ fn measure(lab: &Lab, params: &Params, round: u32, proxy: Proxy) -> anyhow::Resu
     let (latency_proxy_ms, latency_direct_ms) = latency(lab, proxy, params.latency_requests)?;
     let download_mbit_per_s = download(lab, proxy, params.download_bytes)?;
     let upload_mbit_per_s = upload(lab, proxy, params.download_bytes)?;
+    let upload_direct_mbit_per_s = upload_direct(lab, params.download_bytes)?;
     let (named_requests_per_second, named_request_errors) =
         named_requests_per_second(lab, proxy, params)?;
     let (requests_per_second, request_errors) = requests_per_second(lab, proxy, params)?;
@@ -333,6 +338,7 @@ fn measure(lab: &Lab, params: &Params, round: u32, proxy: Proxy) -> anyhow::Resu
         time_wait_after_requests,
         download_mbit_per_s,
         upload_mbit_per_s,
+        upload_direct_mbit_per_s,
         named_requests_per_second,
         named_request_errors,
         latency_proxy_ms,

@@ -208,7 +208,12 @@ pub(super) fn markdown(report: &Report, existing: &str) -> String {
          - Download: one `GET /bytes/{}` through the proxy from LAN client 1 on a fresh \
          connection, connect to last byte.\n\
          - Upload: as many bytes sent by LAN client 1 through a CONNECT tunnel to the internet \
-         host's sink (port 9002), connect until the last byte is handed to the tunnel.\n\
+         host's sink (port 9002) in 256 KiB writes, connect until the last byte is handed to the \
+         tunnel; the sink reads 256 KiB at a time (with 8 KiB reads it was the lab's ceiling: \
+         the sink alone took more CPU than either proxy, and both measured alike). Right \
+         after, the same upload is sent straight to the sink through the gateway's data plane \
+         (no proxy): the per-round table shows it beside each proxy's, the ceiling the lab's \
+         client and sink allow.\n\
          - Named requests: as many client connections as above, each sending one \
          `GET http://www.lab.example:8080/bytes/{SMALL_BYTES}` per fresh connection \
          (`Connection: close`), so each request needs the name's address: squid's ipcache and \
@@ -230,14 +235,18 @@ pub(super) fn markdown(report: &Report, existing: &str) -> String {
     md.push_str(
         "\n## Reading the numbers\n\n\
          Both proxies keep their upstream connection for a client connection's next request to \
-         the same host (ours since it keeps one per client connection: balancer/src/proxy/http.rs, \
-         `forward`), so the request-rate row measures forwarding, not connects. An earlier \
+         the same host (ours since it keeps one per client connection: balancer/src/proxy/forward.rs), \
+         so the request-rate row measures forwarding, not connects. Both also reuse idle server \
+         connections across client connections (squid's `server_persistent_connections`, our \
+         shared pool in balancer/src/proxy/pool.rs), so in the named row a fresh client \
+         connection usually costs the proxy no connect to the server. An earlier \
          version of ours opened a connection per request and reached only 0.73 of squid's rate, \
          falling tenfold back to back as tens of thousands of sockets piled up in TIME_WAIT. The \
          per-round tables show the TIME_WAIT count at the start of each turn and after the \
          request-rate row. The download row is one long stream: the cost per byte of each \
          proxy's copy loop. The latency rows use a fresh client connection per request, so they \
-         include the proxy's connect to the server; at a few hundred microseconds they are \
+         include the proxy's connect to the server unless it reuses an idle one (both proxies \
+         do); at a few hundred microseconds they are \
          noisy on a shared machine (a negative \"added\" value means the direct requests of \
          that round were the slower ones).\n",
     );
@@ -278,19 +287,21 @@ fn section(report: &Report) -> String {
         );
     }
     md.push_str(
-        "\n| round | proxy | req/s | TIME_WAIT at start, after the req/s row | download Mbit/s | through ms | direct ms |\n\
-         |---|---|---|---|---|---|---|\n",
+        "\n| round | proxy | req/s | TIME_WAIT at start, after the req/s row | download Mbit/s | upload Mbit/s (direct, no proxy) | through ms | direct ms |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for s in &report.samples {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {}, {} | {:.0} | {:.3} | {:.3} |",
+            "| {} | {} | {:.0} | {}, {} | {:.0} | {:.0} ({:.0}) | {:.3} | {:.3} |",
             s.round,
             s.proxy.name(),
             s.requests_per_second,
             s.time_wait_before,
             s.time_wait_after_requests,
             s.download_mbit_per_s,
+            s.upload_mbit_per_s,
+            s.upload_direct_mbit_per_s,
             s.latency_proxy_ms,
             s.latency_direct_ms
         );
