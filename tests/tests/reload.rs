@@ -230,6 +230,9 @@ fn sighup_applies_a_changed_proxy_section_and_keeps_accepted_connections() {
         "200 1000"
     );
     let pid = status(&lab)["pid"].clone();
+    let threads = || proxy_threads(pid.as_u64().unwrap_or(0));
+    let before = threads();
+    assert!(before > 0, "no thread named proxy in the daemon");
     let (long, reloaded) = thread::scope(|s| {
         // About 2 s at 5 MB/s: accepted before the reload, it must end complete.
         let long = s.spawn(|| {
@@ -257,6 +260,17 @@ fn sighup_applies_a_changed_proxy_section_and_keeps_accepted_connections() {
         "the old listener is closed"
     );
     assert_eq!(status(&lab)["pid"], pid, "the same process");
+    // The old proxy's runtime ended once its last connection had: its threads do not pile up
+    // with every reload (tokio's blocking threads linger up to 10 s, hence the wait).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while threads() > before {
+        assert!(
+            Instant::now() < deadline,
+            "{} proxy threads 20 s after a reload, {before} before",
+            threads()
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
     daemon.terminate(Duration::from_secs(5)).unwrap();
     let down = balancer(&lab, &["down"]);
     assert!(
@@ -264,4 +278,19 @@ fn sighup_applies_a_changed_proxy_section_and_keeps_accepted_connections() {
         "{}",
         String::from_utf8_lossy(&down.stderr)
     );
+}
+
+/// Threads of process `pid` named `proxy` (the proxy runtime's).
+fn proxy_threads(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|task| {
+                    std::fs::read_to_string(task.path().join("comm"))
+                        .is_ok_and(|name| name.trim() == "proxy")
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }

@@ -91,6 +91,13 @@ impl Admission {
         }
     }
 
+    /// Whether no connection holds a slot: every accepted client, request and tunnel has ended.
+    pub(super) fn is_idle(&self) -> bool {
+        self.per_client
+            .lock()
+            .is_ok_and(|clients| clients.is_empty())
+    }
+
     fn admit(self: &Arc<Self>, client: IpAddr) -> Option<Slot> {
         let mut clients = self.per_client.lock().ok()?;
         let count = clients.entry(client).or_insert(0);

@@ -57,6 +57,8 @@ const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 /// The proxy's own worker threads: enough to use both cores of a small gateway, never so many
 /// that it starves the daemon's.
 const WORKER_THREADS: usize = 2;
+/// How often a stopped proxy looks whether its last connection has ended.
+const DRAIN_POLL: Duration = Duration::from_millis(500);
 /// File descriptors per client: the client socket, the upstream socket and a spare handle on
 /// the client socket (for the 408 answer) while a request head is awaited, or two pipes (four
 /// descriptors) once it is a spliced tunnel.
@@ -183,7 +185,8 @@ impl Proxy {
 
     /// Serves clients on the proxy's own worker threads, and keeps `status.proxy` up to date,
     /// until the process ends or the returned handle stops it (a reload). Connections already
-    /// accepted go on either way: the old runtime's threads stay for them.
+    /// accepted go on after a stop, still watched by the reaper (a dead uplink's tunnels are
+    /// closed as before); once the last of them has ended, the runtime and its threads end.
     pub fn spawn(self, status: Arc<Mutex<Status>>) -> Result<ProxyHandle, ProxyError> {
         tracing::info!(listen = %self.shared.settings.listen, policy = ?self.shared.settings.policy, "proxy serving");
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -194,6 +197,8 @@ impl Proxy {
             .map_err(ProxyError::Runtime)?;
         let shared = self.shared.clone();
         let admission = Arc::new(listener::Admission::new(&shared.settings.limits));
+        // Stopped by the handle: the listeners and the status publisher. The reaper, the
+        // pool's sweep and the log's reopening serve the accepted connections until they end.
         let mut tasks = Vec::new();
         for listener in self.listeners {
             let shared = shared.clone();
@@ -205,14 +210,30 @@ impl Proxy {
                 }
             }));
         }
-        tasks.push(runtime.spawn(reaper::run(shared.reaper.clone(), shared.view.clone())));
-        tasks.push(runtime.spawn(shared.pool.clone().sweep_forever()));
+        runtime.spawn(reaper::run(shared.reaper.clone(), shared.view.clone()));
+        runtime.spawn(shared.pool.clone().sweep_forever());
         if let Some(log) = &shared.access_log {
-            tasks.push(runtime.spawn(log.clone().reopen_on_sighup()));
+            runtime.spawn(log.clone().reopen_on_sighup());
         }
+        let stopped = Arc::new(tokio::sync::Notify::new());
+        let drained = {
+            let stopped = stopped.clone();
+            async move {
+                stopped.notified().await;
+                while !admission.is_idle() {
+                    tokio::time::sleep(DRAIN_POLL).await;
+                }
+            }
+        };
         std::thread::Builder::new()
             .name("proxy".into())
-            .spawn(move || runtime.block_on(std::future::pending::<()>()))
+            .spawn(move || {
+                runtime.block_on(drained);
+                tracing::info!("stopped proxy: its last connection ended, its threads end");
+                // Dropping the runtime ends its worker threads and drops the tasks above,
+                // and with them the pool's idle upstream connections.
+                drop(runtime);
+            })
             .map_err(ProxyError::Runtime)?;
         let shared = self.shared.clone();
         let publish = tokio::spawn(async move {
@@ -226,23 +247,26 @@ impl Proxy {
             }
         });
         tasks.push(publish);
-        Ok(ProxyHandle { tasks })
+        Ok(ProxyHandle { tasks, stopped })
     }
 }
 
 /// A serving proxy's listener and publisher.
 pub struct ProxyHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Tells the runtime's thread to end the runtime once no connection is left.
+    stopped: Arc<tokio::sync::Notify>,
 }
 
 impl ProxyHandle {
     /// Stops accepting and publishing, and waits until the listening socket is closed, so a new
-    /// proxy can bind the same address.
+    /// proxy can bind the same address. The runtime ends once its accepted connections have.
     pub async fn stop(self) {
         for task in self.tasks {
             task.abort();
             let _ = task.await;
         }
+        self.stopped.notify_one();
     }
 }
 
