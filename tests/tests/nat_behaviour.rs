@@ -19,18 +19,7 @@ fn a_stun_client_sees_independent_mapping_through_three_uplinks() {
     let mut spec = LabSpec::new(&prefix("st"), 3);
     spec.rates_mbit = Vec::new();
     let lab = Lab::up(spec).unwrap();
-    lab.exec_ok(
-        &lab.inet(),
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{STUN_ALTERNATE}/32"),
-            "dev",
-            "srv0",
-        ],
-    )
-    .unwrap();
+    lab.add_internet_address(STUN_ALTERNATE).unwrap();
     let _stund = lab
         .spawn(
             &lab.inet(),

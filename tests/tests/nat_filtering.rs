@@ -33,11 +33,7 @@ fn lab_with_filtering(tag: &str, uplinks: usize, filtering: Option<&str>) -> (La
     spec.rates_mbit = Vec::new();
     let lab = Lab::up(spec).unwrap();
     for extra in [SECOND_HOST, STUN_ALTERNATE] {
-        lab.exec_ok(
-            &lab.inet(),
-            &["ip", "addr", "add", &format!("{extra}/32"), "dev", "srv0"],
-        )
-        .unwrap();
+        lab.add_internet_address(extra).unwrap();
     }
     let mut text = lab.balancer_config_toml();
     if let Some(filtering) = filtering {
@@ -189,18 +185,7 @@ fn default_filtering_keeps_a_second_hosts_datagram_out_and_hairpins_only_after_b
     // Hairpin, one side only: client 2 (mapped at uplink:62102 by talking to the server)
     // hears nothing from client 1, to whose public endpoint it never sent.
     let (a, b) = (lab.client_addr(1), lab.client_addr(2));
-    let whoami = format!("{SERVER_ADDR}:{WHOAMI}");
-    let listener = peer(&lab, &lab.client(2), &format!("{b}:62102"), &[whoami], 1);
-    std::thread::sleep(Duration::from_millis(500));
-    let sender = peer(
-        &lab,
-        &lab.client(1),
-        &format!("{a}:62101"),
-        &[format!("{uplink}:62102")],
-        5,
-    );
-    let heard = received(listener);
-    received(sender);
+    let heard = client_1_to_client_2s_mapping(&lab, uplink, a, b);
     assert!(
         heard
             .iter()
@@ -317,19 +302,8 @@ fn endpoint_independent_filtering_hairpins_to_a_mapping_directly() {
     let (lab, _daemon) = lab_with_filtering("fh", 1, Some("endpoint-independent"));
     let uplink = lab.uplink_source(1);
     let (a, b) = (lab.client_addr(1), lab.client_addr(2));
-    let whoami = format!("{SERVER_ADDR}:{WHOAMI}");
     // Client 2 has a mapping (it talked to the server) and never sends to client 1.
-    let listener = peer(&lab, &lab.client(2), &format!("{b}:62102"), &[whoami], 1);
-    std::thread::sleep(Duration::from_millis(500));
-    let sender = peer(
-        &lab,
-        &lab.client(1),
-        &format!("{a}:62101"),
-        &[format!("{uplink}:62102")],
-        5,
-    );
-    let heard = received(listener);
-    received(sender);
+    let heard = client_1_to_client_2s_mapping(&lab, uplink, a, b);
     assert!(
         heard
             .iter()
@@ -338,6 +312,30 @@ fn endpoint_independent_filtering_hairpins_to_a_mapping_directly() {
     );
     hole_punch(&lab, uplink, (a, 62_201), (b, 62_202));
     assert!(balancer_stats_counter(&lab, "hairpinned") >= 2);
+}
+
+/// Client 2 (LAN address `b`, port 62102) gets a mapping on `uplink` by talking to the server
+/// and listens; client 1 (`a`, port 62101) then sends five datagrams to client 2's public
+/// endpoint, `uplink`:62102. Returns what client 2 heard: (source, payload).
+fn client_1_to_client_2s_mapping(
+    lab: &Lab,
+    uplink: Ipv4Addr,
+    a: Ipv4Addr,
+    b: Ipv4Addr,
+) -> Vec<(String, String)> {
+    let whoami = format!("{SERVER_ADDR}:{WHOAMI}");
+    let listener = peer(lab, &lab.client(2), &format!("{b}:62102"), &[whoami], 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let sender = peer(
+        lab,
+        &lab.client(1),
+        &format!("{a}:62101"),
+        &[format!("{uplink}:62102")],
+        5,
+    );
+    let heard = received(listener);
+    received(sender);
+    heard
 }
 
 /// A LAN counter from `balancer stats --json`.
@@ -353,18 +351,7 @@ fn a_gateway_service_on_a_port_in_the_nat_range_keeps_its_traffic_beside_a_lan_c
     let mut spec = LabSpec::new(&prefix("rp"), 1);
     spec.rates_mbit = Vec::new();
     let lab = Lab::up(spec).unwrap();
-    lab.exec_ok(
-        &lab.inet(),
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{SECOND_HOST}/32"),
-            "dev",
-            "srv0",
-        ],
-    )
-    .unwrap();
+    lab.add_internet_address(SECOND_HOST).unwrap();
     let uplink = lab.uplink_source(1);
     let service_addr = format!("{uplink}:62500");
     // The gateway's own UDP service (WireGuard on 51820 would be the same), there before the

@@ -1,6 +1,7 @@
 //! Small changes to a lab that is up, for tests of path MTU and filtering: an interface's MTU,
-//! and a filter that drops ICMP leaving an interface (a network that blocks ICMP). Both only
-//! ever touch the lab's own namespaces (`Lab::exec` checks the name).
+//! a filter that drops ICMP leaving an interface (a network that blocks ICMP), and another
+//! address on the internet host (a second server). All only ever touch the lab's own
+//! namespaces (`Lab::exec` checks the name).
 
 use super::Lab;
 
@@ -25,6 +26,16 @@ impl Lab {
         ] {
             self.exec_ok(ns, &["nft", &command])?;
         }
+        Ok(())
+    }
+
+    /// Adds `addr` (a /32) to the internet host's server interface: a second server, for tests
+    /// that need two remote addresses (STUN's alternate address, an unsolicited sender).
+    pub fn add_internet_address(&self, addr: &str) -> anyhow::Result<()> {
+        self.exec_ok(
+            &self.inet(),
+            &["ip", "addr", "add", &format!("{addr}/32"), "dev", "srv0"],
+        )?;
         Ok(())
     }
 }
