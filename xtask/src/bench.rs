@@ -11,8 +11,10 @@
 //! `costs` (BPF_PROG_TEST_RUN), `report` (statistics, the table, JSON and Markdown).
 
 mod costs;
+mod frames;
 mod gateway;
 mod load;
+mod machine;
 mod report;
 
 use std::{path::PathBuf, process::Command, time::Instant};
